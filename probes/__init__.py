@@ -1,0 +1,22 @@
+"""Following signals: the tracker, trace-id extraction and the observers of each hop kind."""
+
+from probes.chains import (
+    ChainSpec,
+    Expectation,
+    FollowedSignal,
+    HopResult,
+    HopSpec,
+    Verdict,
+)
+from probes.tracker import Tracker, TrackerListener
+
+__all__ = [
+    "ChainSpec",
+    "Expectation",
+    "FollowedSignal",
+    "HopResult",
+    "HopSpec",
+    "Tracker",
+    "TrackerListener",
+    "Verdict",
+]

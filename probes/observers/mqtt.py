@@ -1,0 +1,119 @@
+"""The ``mqtt`` hop: a message on a topic carries the signal's trace id.
+
+All mqtt hops share one client: one subscription per distinct filter, and each message is
+routed to every hop whose filter matches it. The body is parsed once per message.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import field_validator, model_validator
+
+from probes.config import PathText, compile_path
+from probes.observers.base import (
+    HopConfig,
+    Observer,
+    ObserverContext,
+    ObserverSetupError,
+    WatchedHop,
+)
+from probes.trace_ids import RETAINED, Unmatched, from_body, from_pairs, parse_json
+from transport.mqtt import InboundMessage, MqttSession
+from transport.topics import check_topic_filter, topic_matches
+
+DEFAULT_TRACE_ID_PATH = "$.trace_id"
+_UNPARSED = object()
+
+
+class MqttHop(HopConfig):
+    """``mqtt: {topic: FILTER, trace_id: $.path | property: NAME}``."""
+
+    topic: str
+    trace_id: PathText | None = None
+    property: str | None = None
+
+    @field_validator("topic")
+    @classmethod
+    def _valid_filter(cls, topic: str) -> str:
+        check_topic_filter(topic)
+        return topic
+
+    @model_validator(mode="after")
+    def _one_trace_id_source(self) -> MqttHop:
+        if self.trace_id is not None and self.property is not None:
+            raise ValueError("give the trace id by one of trace_id or property, not both")
+        return self
+
+
+class _Route:
+    """One watched hop and how it reads the trace id."""
+
+    __slots__ = ("chain_index", "hop_index", "path", "property")
+
+    def __init__(self, hop: WatchedHop) -> None:
+        config: MqttHop = hop.config
+        self.chain_index, self.hop_index = hop.chain_index, hop.hop_index
+        self.property = config.property
+        self.path = (
+            None if config.property else compile_path(config.trace_id or DEFAULT_TRACE_ID_PATH)
+        )
+
+
+class MqttObserver(Observer, kind="mqtt", config=MqttHop):
+    """Subscribes to every mqtt hop's filter with one client and marks what arrives."""
+
+    def __init__(self, hops: list[WatchedHop], context: ObserverContext) -> None:
+        super().__init__(hops, context)
+        self._routes: dict[str, list[_Route]] = {}
+        for hop in self.hops:
+            self._routes.setdefault(hop.config.topic, []).append(_Route(hop))
+        self._session = MqttSession(context.broker, f"fleetprobe-observer-{os.urandom(4).hex()}")
+        self._entered = False
+
+    async def start(self) -> None:
+        await self._session.__aenter__()
+        self._entered = True
+        filters = list(self._routes)
+        codes = await self._session.subscribe(filters, qos=1)
+        refused = [f for f, code in zip(filters, codes, strict=True) if code >= 0x80]
+        if refused:
+            names = ", ".join(
+                f"{h.chain} > {h.hop}" for h in self.hops if h.config.topic in refused
+            )
+            raise ObserverSetupError(
+                f"the broker refused the subscription to {', '.join(refused)} (hops: {names})"
+            )
+
+    async def run(self) -> None:
+        async for message in self._session.messages():
+            self._mark(message)
+
+    async def close(self) -> None:
+        if self._entered:
+            self._entered = False
+            await self._session.__aexit__(None, None, None)
+
+    def _mark(self, message: InboundMessage) -> None:
+        tracker = self.context.tracker
+        body: Any = _UNPARSED  # parsed lazily, once
+        for topic_filter, routes in self._routes.items():
+            if not topic_matches(topic_filter, message.topic):
+                continue
+            for route in routes:
+                if message.retain:
+                    # A retained message is old state replayed on subscribe, not a sighting.
+                    tracker.unmatched(route.chain_index, route.hop_index, RETAINED)
+                    continue
+                if body is _UNPARSED:
+                    body = parse_json(message.payload)
+                try:
+                    if route.path is not None:
+                        trace_id = from_body(body, route.path)
+                    else:
+                        trace_id = from_pairs(message.user_properties, route.property or "")
+                except Unmatched as unmatched:
+                    tracker.unmatched(route.chain_index, route.hop_index, unmatched.reason)
+                    continue
+                tracker.observe(route.chain_index, route.hop_index, trace_id, message.seen_ns, body)

@@ -1,0 +1,96 @@
+"""Find a signal's trace id in what an observer saw: a JSON body, a property, a header.
+
+A trace id is 32 lowercase hex characters (a W3C trace-id); a value in W3C ``traceparent``
+form (``00-<trace-id>-<span-id>-01``) yields its trace-id part, and 16 bytes of MQTT 5
+Correlation Data their hex form. Anything else is a trace id of the wrong shape.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from typing import Any, Final
+
+from probes.config import JsonPath
+
+MISSING: Final = object()
+"""What :func:`lookup` returns when the path does not exist in the body."""
+
+# Bounded reasons for what could not be matched; they become metric labels.
+NOT_JSON = "not_json"
+NO_TRACE_ID = "no_trace_id"
+BAD_TRACE_ID = "bad_trace_id"
+UNKNOWN_TRACE_ID = "unknown_trace_id"
+RETAINED = "retained"
+LATE = "late"
+
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def lookup(body: Any, steps: JsonPath) -> Any:
+    """The value at ``steps`` inside a parsed JSON body, or :data:`MISSING`."""
+    node = body
+    for step in steps:
+        if isinstance(step, int):
+            if not isinstance(node, list) or step >= len(node):
+                return MISSING
+        elif not isinstance(node, dict) or step not in node:
+            return MISSING
+        node = node[step]
+    return node
+
+
+def normalize_trace_id(value: Any) -> str | None:
+    """The 32-hex trace id in ``value``, or None when it has the wrong shape."""
+    if isinstance(value, bytes | bytearray):
+        return value.hex() if len(value) == 16 else None
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    if len(text) == 32 and _TRACE_ID.fullmatch(text):
+        return text if text != "0" * 32 else None
+    match = _TRACEPARENT.fullmatch(text)
+    return match.group(1) if match else None
+
+
+def parse_json(payload: bytes) -> Any:
+    """The parsed body, or :data:`MISSING` when it is not UTF-8 JSON."""
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError):
+        return MISSING
+
+
+def from_body(body: Any, steps: JsonPath) -> str:
+    """The trace id at ``steps`` in a parsed body; raises :class:`Unmatched` otherwise."""
+    if body is MISSING:
+        raise Unmatched(NOT_JSON)
+    return _checked(lookup(body, steps))
+
+
+def from_pairs(pairs: Sequence[tuple[str, str]], name: str) -> str:
+    """The trace id in the first pair called ``name`` (case-insensitive for headers)."""
+    wanted = name.lower()
+    for key, value in pairs:
+        if key.lower() == wanted:
+            return _checked(value)
+    raise Unmatched(NO_TRACE_ID)
+
+
+def _checked(value: Any) -> str:
+    if value is MISSING or value is None:
+        raise Unmatched(NO_TRACE_ID)
+    trace_id = normalize_trace_id(value)
+    if trace_id is None:
+        raise Unmatched(BAD_TRACE_ID)
+    return trace_id
+
+
+class Unmatched(Exception):
+    """A message that cannot be matched to a signal; ``reason`` is a bounded label."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

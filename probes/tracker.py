@@ -1,0 +1,206 @@
+"""The tracker: the table of signals in flight, their deadlines, and their verdicts.
+
+Observers report what they saw (:meth:`Tracker.observe`); the tracker alone judges order,
+expectations and deadlines. Each hop has a FIFO queue of the signals that wait for it.
+Signals are followed in send order and a hop's ``within`` is the same for all of them, so
+each queue is sorted by deadline: expiring is O(1) per signal, with no timer per signal.
+
+A signal's verdict is given as soon as every hop has a result; the signal stays in the
+table until its chain's last deadline, so a repeat sighting still counts as a duplicate,
+and then it is retired (the trace log writes it).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from probes.chains import FAILURES, ChainSpec, FollowedSignal, HopResult, Verdict
+from probes.trace_ids import LATE, MISSING, UNKNOWN_TRACE_ID
+
+
+class TrackerListener(Protocol):
+    """Where the tracker's findings go (metrics, reports, the trace log)."""
+
+    def on_verdict(self, signal: FollowedSignal) -> None:
+        """Every hop of ``signal`` has a result."""
+
+    def on_retired(self, signal: FollowedSignal) -> None:
+        """``signal`` leaves the table; nothing about it changes after this."""
+
+    def on_duplicate(self, chain_index: int, hop_index: int) -> None:
+        """A hop saw a signal again."""
+
+    def on_unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
+        """A hop saw something it cannot match to a followed signal."""
+
+
+class Tracker:
+    """Follows signals through the hops of every chain."""
+
+    def __init__(self, chains: Sequence[ChainSpec], listener: TrackerListener) -> None:
+        self.chains = tuple(chains)
+        self._listener = listener
+        self._tables: list[dict[str, FollowedSignal]] = [{} for _ in self.chains]
+        self._within_ns = [[round(h.within_s * 1e9) for h in c.hops] for c in self.chains]
+        self._queues: list[list[deque[FollowedSignal]]] = [
+            [deque() for _ in c.hops] for c in self.chains
+        ]
+
+    def inflight(self, chain_index: int) -> int:
+        """Signals of a chain that are still in the table."""
+        return len(self._tables[chain_index])
+
+    @property
+    def idle(self) -> bool:
+        """True when no signal is in flight in any chain."""
+        return not any(self._tables)
+
+    def follow(
+        self,
+        chain_index: int,
+        trace_id: str,
+        signal: str,
+        vin: str,
+        intended_ns: int,
+        sent_ns: int,
+        sent_wall_ns: int,
+        fields: Mapping[str, Any],
+    ) -> None:
+        """Start following a signal that is about to be sent at ``sent_ns``.
+
+        ``intended_ns`` and ``sent_ns`` are monotonic, ``sent_wall_ns`` the wall clock.
+        """
+        chain = self.chains[chain_index]
+        followed = FollowedSignal(
+            chain_index,
+            len(chain.hops),
+            trace_id,
+            signal,
+            vin,
+            intended_ns,
+            sent_ns,
+            sent_wall_ns,
+            fields if chain.needs_fields else None,
+        )
+        self._tables[chain_index][trace_id] = followed
+        for queue in self._queues[chain_index]:
+            queue.append(followed)
+
+    def forget(self, chain_index: int, trace_id: str) -> None:
+        """Stop following a signal whose send failed: it gets no verdict."""
+        followed = self._tables[chain_index].pop(trace_id, None)
+        if followed is not None:
+            followed.verdict = Verdict.ABORTED  # its queue entries are skipped
+
+    def observe(
+        self, chain_index: int, hop_index: int, trace_id: str, seen_ns: int, body: Any = MISSING
+    ) -> None:
+        """A hop saw ``trace_id`` at ``seen_ns``; ``body`` is the parsed body, if readable."""
+        followed = self._tables[chain_index].get(trace_id)
+        if followed is None:
+            self._not_followed(chain_index, hop_index, trace_id)
+            return
+        if followed.seen_ns[hop_index]:
+            self._count_duplicate(followed, hop_index)
+            return
+        if followed.results[hop_index] is not None:
+            self._listener.on_unmatched(chain_index, hop_index, LATE)
+            return
+        followed.seen_ns[hop_index] = seen_ns
+        followed.results[hop_index] = self._judge(followed, hop_index, body)
+        self._complete_if_judged(followed)
+
+    def unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
+        """A hop saw something it could not read a trace id from."""
+        self._listener.on_unmatched(chain_index, hop_index, reason)
+
+    def expire(self, now_ns: int) -> None:
+        """Time out every hop whose deadline has passed, and retire finished signals."""
+        for chain_index, queues in enumerate(self._queues):
+            within = self._within_ns[chain_index]
+            last = len(queues) - 1
+            for hop_index, queue in enumerate(queues):
+                deadline_offset = within[hop_index]
+                while queue and queue[0].sent_ns + deadline_offset <= now_ns:
+                    followed = queue.popleft()
+                    if followed.verdict is Verdict.ABORTED:
+                        continue
+                    if followed.results[hop_index] is None:
+                        followed.results[hop_index] = HopResult.TIMEOUT
+                        self._complete_if_judged(followed)
+                    if hop_index == last:
+                        self._retire(followed)
+
+    def next_deadline_ns(self) -> int | None:
+        """The earliest pending deadline, or None when nothing waits."""
+        heads = [
+            queue[0].sent_ns + self._within_ns[c][h]
+            for c, queues in enumerate(self._queues)
+            for h, queue in enumerate(queues)
+            if queue
+        ]
+        return min(heads, default=None)
+
+    def abort_all(self) -> None:
+        """End every signal still in flight (the run was interrupted).
+
+        Signals whose hops all have a result keep their verdict; the others are
+        ``aborted``, which is not counted as a failure of the platform.
+        """
+        for table in self._tables:
+            for followed in list(table.values()):
+                if followed.verdict is None:
+                    followed.verdict = Verdict.ABORTED
+                    self._listener.on_verdict(followed)
+                self._retire(followed)
+        for queues in self._queues:
+            for queue in queues:
+                queue.clear()
+
+    def _judge(self, followed: FollowedSignal, hop_index: int, body: Any) -> HopResult:
+        for earlier in range(hop_index):
+            if followed.results[earlier] is None:
+                return HopResult.OUT_OF_ORDER
+        hop = self.chains[followed.chain_index].hops[hop_index]
+        if hop.expectations:
+            if body is MISSING or followed.fields is None:
+                followed.add_detail(hop_index, "body is not JSON")
+                return HopResult.INVALID
+            for expectation in hop.expectations:
+                mismatch = expectation.mismatch(body, followed.fields)
+                if mismatch is not None:
+                    followed.add_detail(hop_index, mismatch)
+                    return HopResult.INVALID
+        return HopResult.OK
+
+    def _complete_if_judged(self, followed: FollowedSignal) -> None:
+        if followed.verdict is not None or None in followed.results:
+            return
+        for hop_index, result in enumerate(followed.results):
+            if result in FAILURES:
+                followed.verdict, followed.failed_hop = Verdict.FAILED, hop_index
+                break
+        else:
+            followed.verdict = Verdict.OK
+        self._listener.on_verdict(followed)
+
+    def _retire(self, followed: FollowedSignal) -> None:
+        table = self._tables[followed.chain_index]
+        if table.pop(followed.trace_id, None) is not None:
+            self._listener.on_retired(followed)
+
+    def _count_duplicate(self, followed: FollowedSignal, hop_index: int) -> None:
+        if followed.duplicates is None:
+            followed.duplicates = {}
+        followed.duplicates[hop_index] = followed.duplicates.get(hop_index, 0) + 1
+        self._listener.on_duplicate(followed.chain_index, hop_index)
+
+    def _not_followed(self, chain_index: int, hop_index: int, trace_id: str) -> None:
+        # Ids of other chains, or of signals this chain does not sample, are not ours to count.
+        if not self.chains[chain_index].follows(trace_id):
+            return
+        if any(trace_id in table for table in self._tables):
+            return
+        self._listener.on_unmatched(chain_index, hop_index, UNKNOWN_TRACE_ID)
