@@ -1,0 +1,48 @@
+"""``junit.xml``: one test case per objective, so CI systems show which objective failed."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+
+class JudgedObjective(Protocol):
+    """What the JUnit file needs of an objective's outcome."""
+
+    @property
+    def title(self) -> str: ...
+
+    @property
+    def explanation(self) -> str: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+
+def write_junit(
+    path: str | Path, suite: str, outcomes: Sequence[JudgedObjective], time_s: float
+) -> None:
+    """Write a JUnit XML file with one test case per outcome."""
+    failures = sum(1 for o in outcomes if not o.ok)
+    root = ET.Element("testsuites", tests=str(len(outcomes)), failures=str(failures))
+    suite_element = ET.SubElement(
+        root,
+        "testsuite",
+        name=suite,
+        tests=str(len(outcomes)),
+        failures=str(failures),
+        errors="0",
+        time=f"{time_s:.3f}",
+    )
+    for outcome in outcomes:
+        case = ET.SubElement(suite_element, "testcase", classname=suite, name=outcome.title)
+        if not outcome.ok:
+            failure = ET.SubElement(case, "failure", message=outcome.explanation, type="objective")
+            failure.text = outcome.explanation
+        else:
+            ET.SubElement(case, "system-out").text = outcome.explanation
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(root).write(target, encoding="utf-8", xml_declaration=True)

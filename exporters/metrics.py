@@ -1,0 +1,206 @@
+"""The Prometheus metrics of a run, on an injected registry.
+
+Label sets are created up front, so a hop that has never failed still exports
+``result="timeout"`` as 0 and a rate over it is defined from the first scrape. Labels only
+take values from bounded sets (scenario, signal, chain, hop, result, reason), never a VIN
+or a trace id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from probes.chains import SKIPPED, ChainSpec, FollowedSignal, HopResult, Verdict
+
+# From 1 ms to 60 s: the span between a broker hop on loopback and a slow webhook.
+LATENCY_BUCKETS = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    20.0,
+    60.0,
+)
+# Emission lag is judged at 10 ms; finer buckets below it.
+LAG_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0)
+COUNTED_RESULTS = (*(r.value for r in HopResult), SKIPPED)
+
+
+class ProbeMetrics:
+    """Every fleetprobe metric for one scenario.
+
+    Args:
+        registry: where the metrics live (a fresh one per run; never the global one).
+        scenario: the scenario name, a label on every metric.
+        signals: the signal kinds that will be sent.
+        chains: the chains that will be followed.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        scenario: str,
+        signals: Sequence[str],
+        chains: Sequence[ChainSpec],
+    ) -> None:
+        self.scenario = scenario
+        self.chains = tuple(chains)
+        s = scenario
+        self.signals_sent = Counter(
+            "fleetprobe_signals_sent",
+            "Signals handed to the MQTT client.",
+            ["scenario", "signal"],
+            registry=registry,
+        )
+        self.send_errors = Counter(
+            "fleetprobe_send_errors",
+            "Signals that could not be sent, by reason.",
+            ["scenario", "signal", "reason"],
+            registry=registry,
+        )
+        self.emission_lag = Histogram(
+            "fleetprobe_emission_lag_seconds",
+            "Actual send time minus the time the fleet model scheduled the signal.",
+            ["scenario"],
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        ).labels(s)
+        self.hop_results = Counter(
+            "fleetprobe_hop_results",
+            "Followed signals by hop and result.",
+            ["scenario", "chain", "hop", "result"],
+            registry=registry,
+        )
+        self.hop_latency = Histogram(
+            "fleetprobe_hop_latency_seconds",
+            "Time from the send until the hop saw the signal.",
+            ["scenario", "chain", "hop"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.hop_step = Histogram(
+            "fleetprobe_hop_step_seconds",
+            "Time from the previous hop until this hop saw the signal.",
+            ["scenario", "chain", "hop"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.chain_results = Counter(
+            "fleetprobe_chain_results",
+            "Chain verdicts, with the first failing hop.",
+            ["scenario", "chain", "result", "failed_hop"],
+            registry=registry,
+        )
+        self.chain_latency = Histogram(
+            "fleetprobe_chain_latency_seconds",
+            "Time from the send until the last hop, for chains that ended ok.",
+            ["scenario", "chain"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "fleetprobe_inflight_signals",
+            "Followed signals waiting for their verdict.",
+            ["scenario", "chain"],
+            registry=registry,
+        )
+        self.unmatched = Counter(
+            "fleetprobe_unmatched",
+            "Messages a hop could not match to a followed signal, by reason.",
+            ["scenario", "chain", "hop", "reason"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "fleetprobe_duplicates",
+            "Signals seen again at a hop where they were already seen.",
+            ["scenario", "chain", "hop"],
+            registry=registry,
+        )
+
+        self._sent = {name: self.signals_sent.labels(s, name) for name in signals}
+        self._results = [
+            [
+                {r: self.hop_results.labels(s, c.name, h.name, r) for r in COUNTED_RESULTS}
+                for h in c.hops
+            ]
+            for c in self.chains
+        ]
+        self._latency = [
+            [self.hop_latency.labels(s, c.name, h.name) for h in c.hops] for c in self.chains
+        ]
+        self._step = [
+            [self.hop_step.labels(s, c.name, h.name) for h in c.hops] for c in self.chains
+        ]
+        self._chain_latency = [self.chain_latency.labels(s, c.name) for c in self.chains]
+        self._chain_ok = [
+            self.chain_results.labels(s, c.name, Verdict.OK.value, "") for c in self.chains
+        ]
+        self._chain_failed = [
+            [self.chain_results.labels(s, c.name, Verdict.FAILED.value, h.name) for h in c.hops]
+            for c in self.chains
+        ]
+        self._chain_aborted = [
+            self.chain_results.labels(s, c.name, Verdict.ABORTED.value, "") for c in self.chains
+        ]
+        for c in self.chains:
+            for h in c.hops:
+                self.duplicates.labels(s, c.name, h.name)
+
+    def track_inflight(self, count: Callable[[int], int]) -> None:
+        """Read in-flight counts at scrape time from ``count(chain_index)``."""
+        for i, chain in enumerate(self.chains):
+            self.inflight.labels(self.scenario, chain.name).set_function(_bind(count, i))
+
+    def signal_sent(self, signal: str, lag_s: float) -> None:
+        """A signal was handed to the MQTT client ``lag_s`` after it was due."""
+        self._sent[signal].inc()
+        self.emission_lag.observe(lag_s)
+
+    def send_error(self, signal: str, reason: str) -> None:
+        """A signal could not be sent."""
+        self.send_errors.labels(self.scenario, signal, reason).inc()
+
+    def verdict(self, followed: FollowedSignal) -> None:
+        """Count a judged signal: each hop's result and latency, then the chain's verdict."""
+        c = followed.chain_index
+        for h, result in enumerate(followed.results):
+            if result is None:  # an aborted signal's unjudged hop
+                continue
+            self._results[c][h][followed.counted_result(h)].inc()
+            if result is HopResult.OK:
+                self._latency[c][h].observe(followed.latency_s(h) or 0.0)
+                step = followed.step_s(h)
+                if step is not None:
+                    self._step[c][h].observe(step)
+        if followed.verdict is Verdict.OK:
+            self._chain_ok[c].inc()
+            self._chain_latency[c].observe(followed.chain_latency_s() or 0.0)
+        elif followed.verdict is Verdict.FAILED and followed.failed_hop is not None:
+            self._chain_failed[c][followed.failed_hop].inc()
+        else:
+            self._chain_aborted[c].inc()
+
+    def duplicate(self, chain_index: int, hop_index: int) -> None:
+        """A hop saw a signal again."""
+        chain = self.chains[chain_index]
+        self.duplicates.labels(self.scenario, chain.name, chain.hops[hop_index].name).inc()
+
+    def unmatched_message(self, chain_index: int, hop_index: int, reason: str) -> None:
+        """A hop saw something it could not match."""
+        chain = self.chains[chain_index]
+        self.unmatched.labels(self.scenario, chain.name, chain.hops[hop_index].name, reason).inc()
+
+
+def _bind(count: Callable[[int], int], index: int) -> Callable[[], float]:
+    return lambda: float(count(index))

@@ -1,0 +1,71 @@
+"""``report.json``: the run's results per chain and hop (the stable keys are in the docs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from exporters.results import ResultBook
+from probes.chains import SKIPPED, HopResult
+
+
+def build_report(
+    book: ResultBook,
+    *,
+    scenario: str,
+    started_at: str,
+    ended_at: str,
+    exit_code: int,
+    interrupted: bool = False,
+    objectives: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The report as a JSON-ready dict."""
+    zero_results = {r.value: 0 for r in HopResult} | {SKIPPED: 0}
+    chains: dict[str, Any] = {}
+    for chain in book.chains:
+        chains[chain.spec.name] = {
+            "followed": chain.followed,
+            "ok": chain.verdicts["ok"],
+            "failed": chain.verdicts["failed"],
+            "aborted": chain.verdicts["aborted"],
+            "failed_at": dict(chain.failed_at),
+            "latency_s": chain.latency.summary(),
+            "hops": {
+                spec.name: {
+                    "results": zero_results | dict(hop.results),
+                    "latency_s": hop.latency.summary(),
+                    "step_s": hop.step.summary(),
+                    "duplicates": hop.duplicates,
+                    "unmatched": dict(hop.unmatched),
+                }
+                for spec, hop in zip(chain.spec.hops, chain.hops, strict=True)
+            },
+        }
+    return {
+        "scenario": scenario,
+        "started_at": started_at,
+        "ended_at": ended_at,
+        "exit_code": exit_code,
+        "interrupted": interrupted,
+        "signals": {
+            name: {
+                "sent": signal.sent,
+                "send_errors": sum(signal.send_errors.values()),
+                "send_errors_by_reason": dict(signal.send_errors),
+            }
+            for name, signal in book.signals.items()
+        },
+        "emission_lag_s": book.emission_lag.summary(),
+        "chains": chains,
+        "objectives": objectives or [],
+    }
+
+
+def write_json(path: str | Path, document: dict[str, Any]) -> None:
+    """Write ``document`` to ``path`` (parents created), replacing it atomically."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    partial.replace(target)

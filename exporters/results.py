@@ -1,0 +1,92 @@
+"""Exact per-run results: counts and every latency, for the report, summary and objectives."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from exporters.stats import Samples
+from probes.chains import ChainSpec, FollowedSignal, HopResult, Verdict
+
+
+@dataclass
+class HopBook:
+    """What happened at one hop."""
+
+    results: Counter[str] = field(default_factory=Counter)
+    latency: Samples = field(default_factory=Samples)
+    step: Samples = field(default_factory=Samples)
+    duplicates: int = 0
+    unmatched: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class ChainBook:
+    """What happened to one chain's signals."""
+
+    spec: ChainSpec
+    verdicts: Counter[str] = field(default_factory=Counter)
+    failed_at: Counter[str] = field(default_factory=Counter)
+    latency: Samples = field(default_factory=Samples)
+    hops: list[HopBook] = field(default_factory=list)
+
+    @property
+    def followed(self) -> int:
+        """Signals judged (every followed signal is judged once)."""
+        return sum(self.verdicts.values())
+
+
+@dataclass
+class SignalBook:
+    """What happened when sending one signal kind."""
+
+    sent: int = 0
+    send_errors: Counter[str] = field(default_factory=Counter)
+
+
+class ResultBook:
+    """Records every verdict and latency of a run, exactly."""
+
+    def __init__(self, signals: Sequence[str], chains: Sequence[ChainSpec]) -> None:
+        self.signals = {name: SignalBook() for name in signals}
+        self.chains = [ChainBook(c, hops=[HopBook() for _ in c.hops]) for c in chains]
+        self.emission_lag = Samples()
+
+    def signal_sent(self, signal: str, lag_s: float) -> None:
+        """A signal was handed to the MQTT client ``lag_s`` after it was due."""
+        self.signals[signal].sent += 1
+        self.emission_lag.add(lag_s)
+
+    def send_error(self, signal: str, reason: str) -> None:
+        """A signal could not be sent."""
+        self.signals[signal].send_errors[reason] += 1
+
+    def verdict(self, followed: FollowedSignal) -> None:
+        """Record a judged signal."""
+        book = self.chains[followed.chain_index]
+        assert followed.verdict is not None
+        book.verdicts[followed.verdict.value] += 1
+        if followed.verdict is Verdict.FAILED and followed.failed_hop is not None:
+            book.failed_at[book.spec.hops[followed.failed_hop].name] += 1
+        latency = followed.chain_latency_s()
+        if latency is not None:
+            book.latency.add(latency)
+        for h, result in enumerate(followed.results):
+            if result is None:
+                continue
+            hop = book.hops[h]
+            hop.results[followed.counted_result(h)] += 1
+            if result is HopResult.OK:
+                hop.latency.add(followed.latency_s(h) or 0.0)
+                step = followed.step_s(h)
+                if step is not None:
+                    hop.step.add(step)
+
+    def duplicate(self, chain_index: int, hop_index: int) -> None:
+        """A hop saw a signal again."""
+        self.chains[chain_index].hops[hop_index].duplicates += 1
+
+    def unmatched_message(self, chain_index: int, hop_index: int, reason: str) -> None:
+        """A hop saw something it could not match."""
+        self.chains[chain_index].hops[hop_index].unmatched[reason] += 1

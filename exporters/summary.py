@@ -1,0 +1,73 @@
+"""The table printed at the end of a run: per chain and hop, results and latency."""
+
+from __future__ import annotations
+
+from exporters.results import ResultBook
+from exporters.stats import Samples
+
+LAG_LIMIT_S = 0.010
+
+
+def render_summary(book: ResultBook, scenario: str) -> str:
+    """A plain-text table of the run's results, with a warning when the prober lagged."""
+    lines = [f"fleetprobe: {scenario}"]
+    for name, signal in book.signals.items():
+        errors = sum(signal.send_errors.values())
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(signal.send_errors.items()))
+        lines.append(
+            f"  signal {name}: sent {signal.sent}, send errors {errors}"
+            + (f" ({reasons})" if reasons else "")
+        )
+    lag_p99 = book.emission_lag.quantile(0.99)
+    lines.append(f"  emission lag: p50 {_ms(book.emission_lag.quantile(0.5))}, p99 {_ms(lag_p99)}")
+    if lag_p99 is not None and lag_p99 > LAG_LIMIT_S:
+        lines.append(
+            f"  WARNING: emission lag p99 {_ms(lag_p99)} is over {_ms(LAG_LIMIT_S)}: the "
+            "prober could not keep the schedule, latencies include its own delay"
+        )
+    header = (
+        f"    {'hop':<18}{'ok':>8}{'timeout':>9}{'invalid':>9}{'order':>7}{'skipped':>9}"
+        f"{'p50':>10}{'p99':>10}{'step p50':>10}"
+    )
+    for chain in book.chains:
+        followed = chain.followed
+        ok = chain.verdicts["ok"]
+        ratio = f"{100.0 * ok / followed:.2f}%" if followed else "-"
+        lines.append("")
+        lines.append(
+            f"  chain {chain.spec.name} (signal {chain.spec.signal}): followed {followed}, "
+            f"ok {ok} ({ratio}), failed {chain.verdicts['failed']}"
+            + (f", aborted {chain.verdicts['aborted']}" if chain.verdicts["aborted"] else "")
+            + f", latency p50 {_ms_of(chain.latency, 0.5)} p99 {_ms_of(chain.latency, 0.99)}"
+        )
+        if chain.failed_at:
+            first = ", ".join(f"{hop} {n}" for hop, n in chain.failed_at.most_common())
+            lines.append(f"    broken at: {first}")
+        lines.append(header)
+        for spec, hop in zip(chain.spec.hops, chain.hops, strict=True):
+            r = hop.results
+            lines.append(
+                f"    {spec.name:<18}{r['ok']:>8}{r['timeout']:>9}{r['invalid']:>9}"
+                f"{r['out_of_order']:>7}{r['skipped']:>9}{_ms_of(hop.latency, 0.5):>10}"
+                f"{_ms_of(hop.latency, 0.99):>10}{_ms_of(hop.step, 0.5):>10}"
+            )
+            extras = []
+            if hop.duplicates:
+                extras.append(f"duplicates {hop.duplicates}")
+            if hop.unmatched:
+                extras.append(
+                    "unmatched " + ", ".join(f"{k} {v}" for k, v in sorted(hop.unmatched.items()))
+                )
+            if extras:
+                lines.append(f"      {'; '.join(extras)}")
+    return "\n".join(lines)
+
+
+def _ms_of(samples: Samples, q: float) -> str:
+    return _ms(samples.quantile(q))
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f}ms" if seconds < 10 else f"{seconds:.1f}s"

@@ -1,0 +1,70 @@
+"""``traces.jsonl``: one line per followed signal, written when the signal is retired."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from probes.chains import ChainSpec, FollowedSignal
+from simulator.publisher import iso_utc
+
+
+def trace_line(followed: FollowedSignal, chain: ChainSpec) -> dict[str, Any]:
+    """The trace log entry of one followed signal."""
+    hops: dict[str, Any] = {}
+    for h, spec in enumerate(chain.hops):
+        result = followed.results[h]
+        entry: dict[str, Any] = {"result": result.value if result is not None else "pending"}
+        latency, step = followed.latency_s(h), followed.step_s(h)
+        if latency is not None:
+            entry["latency_s"] = round(latency, 7)
+        if step is not None:
+            entry["step_s"] = round(step, 7)
+        if followed.duplicates and h in followed.duplicates:
+            entry["duplicates"] = followed.duplicates[h]
+        if followed.details and h in followed.details:
+            entry["detail"] = followed.details[h]
+        hops[spec.name] = entry
+    verdict = followed.verdict.value if followed.verdict is not None else "pending"
+    failed_hop = chain.hops[followed.failed_hop].name if followed.failed_hop is not None else None
+    return {
+        "trace_id": followed.trace_id,
+        "chain": chain.name,
+        "signal": followed.signal,
+        "vin": followed.vin,
+        "intended_at": iso_utc(followed.intended_wall_ns),
+        "sent_at": iso_utc(followed.sent_wall_ns),
+        "verdict": verdict,
+        "failed_hop": failed_hop,
+        "hops": hops,
+    }
+
+
+class TraceLog:
+    """Appends trace lines to a file; a context manager that flushes on exit."""
+
+    def __init__(self, path: str | Path, chains: Sequence[ChainSpec]) -> None:
+        self.path = Path(path)
+        self._chains = tuple(chains)
+        self._file: IO[str] | None = None
+        self.lines = 0
+
+    def __enter__(self) -> TraceLog:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w", encoding="utf-8", buffering=1 << 16)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def write(self, followed: FollowedSignal) -> None:
+        """Append the line of a retired signal."""
+        if self._file is None:
+            raise RuntimeError("TraceLog used outside 'with'")
+        line = trace_line(followed, self._chains[followed.chain_index])
+        self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self.lines += 1
