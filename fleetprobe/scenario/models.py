@@ -1,0 +1,297 @@
+"""The scenario format (v1) as typed models.
+
+Every model forbids unknown keys. Hop kinds are not listed here: each hop kind's module in
+``probes.observers`` brings its own config model, and :data:`Hop` gets one optional key per
+registered kind, of which a hop sets exactly one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from probes.config import Duration, PathText, parse_duration
+from probes.observers import hop_kinds
+from simulator.fleet import SIGNAL_FIELDS, TOPIC_FIELDS
+from simulator.templates import PayloadTemplate, TextTemplate
+from transport.mqtt import parse_broker_url
+from transport.topics import check_topic_name
+
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+_JITTER_PERCENT = re.compile(r"(\d+(?:\.\d*)?)%")
+
+
+class Strict(BaseModel):
+    """Base of every scenario model: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _protocol_input(value: Any) -> Any:
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+class TlsFiles(Strict):
+    """TLS material, relative to the scenario file."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> TlsFiles:
+        if self.key and not self.cert:
+            raise ValueError("key needs cert")
+        return self
+
+
+class MqttTargetConfig(Strict):
+    """The broker of the platform under test."""
+
+    url: str
+    username: str | None = None
+    password: SecretStr | None = None
+    protocol: Annotated[Literal["5", "3.1.1"], BeforeValidator(_protocol_input)] = "5"
+    tls: TlsFiles | None = None
+    sessions: Literal["per_vehicle", "pooled"] = "per_vehicle"
+    pool: int = Field(4, ge=1, le=10_000)
+    keepalive: PositiveDuration = 30.0
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, url: str) -> str:
+        parse_broker_url(url)
+        return url
+
+
+class Target(Strict):
+    """Where the platform under test is."""
+
+    mqtt: MqttTargetConfig
+
+
+class AreaConfig(Strict):
+    """The disc vehicles drive in."""
+
+    lat: float = Field(ge=-90, le=90)
+    lon: float = Field(ge=-180, le=180)
+    radius_km: float = Field(gt=0, le=500)
+
+
+def parse_jitter(text: str) -> tuple[float, float]:
+    """``10%`` as (0.10, 0.0), a duration as (0.0, seconds)."""
+    stripped = text.strip()
+    if stripped.endswith("%"):
+        match = _JITTER_PERCENT.fullmatch(stripped)
+        if not match or float(match.group(1)) > 100:
+            raise ValueError(f"{text!r} is not a percentage from 0% to 100%")
+        return float(match.group(1)) / 100.0, 0.0
+    return 0.0, parse_duration(stripped)
+
+
+class CadenceConfig(Strict):
+    """``{every: 1s, jitter: 10%}``: jitter is a share of ``every`` or a duration (±)."""
+
+    every: PositiveDuration
+    jitter: Annotated[str, WithJsonSchema({"type": "string", "examples": ["10%", "50ms"]})] = "0s"
+
+    @field_validator("jitter", mode="before")
+    @classmethod
+    def _valid_jitter(cls, jitter: Any) -> Any:
+        if isinstance(jitter, str):
+            parse_jitter(jitter)
+        elif isinstance(jitter, int | float) and not isinstance(jitter, bool):
+            raise ValueError(f"{jitter} has no unit: write a percentage (10%) or a duration (50ms)")
+        return jitter
+
+    @property
+    def jitter_s(self) -> float:
+        """The jitter as seconds (±)."""
+        share, seconds = parse_jitter(self.jitter)
+        return self.every * share + seconds
+
+    @model_validator(mode="after")
+    def _jitter_below_every(self) -> CadenceConfig:
+        if self.jitter_s >= self.every:
+            raise ValueError("jitter must be smaller than every")
+        return self
+
+
+class ProfileConfig(Strict):
+    """A kind of vehicle in the fleet."""
+
+    name: Name
+    weight: float = Field(1.0, gt=0)
+    speed_kmh: tuple[float, float] = (20.0, 90.0)
+    powertrain: Literal["electric", "combustion"] = "electric"
+    signals: dict[str, CadenceConfig] = Field(min_length=1)
+
+    @field_validator("speed_kmh")
+    @classmethod
+    def _ordered_speeds(cls, speeds: tuple[float, float]) -> tuple[float, float]:
+        low, high = speeds
+        if not 0 <= low <= high <= 400:
+            raise ValueError("must be [low, high] with 0 <= low <= high <= 400")
+        return speeds
+
+
+class FleetConfig(Strict):
+    """The simulated fleet."""
+
+    vehicles: int = Field(ge=1, le=1_000_000)
+    area: AreaConfig
+    profiles: list[ProfileConfig] = Field(min_length=1)
+
+
+class SignalConfig(Strict):
+    """How a signal kind goes on the wire: its topic template, QoS and JSON payload template."""
+
+    topic: str
+    qos: Literal[0, 1, 2] = 0
+    payload: dict[str, Any] = Field(min_length=1)
+
+    @field_validator("topic")
+    @classmethod
+    def _valid_topic(cls, topic: str) -> str:
+        check_topic_name(topic.replace("{", "").replace("}", ""))
+        template = TextTemplate(topic, TOPIC_FIELDS)
+        check_topic_name(template.render_text(dict.fromkeys(TOPIC_FIELDS, "X")))
+        return topic
+
+    @field_validator("payload")
+    @classmethod
+    def _valid_payload(cls, payload: dict[str, Any]) -> dict[str, Any]:
+        PayloadTemplate(payload, SIGNAL_FIELDS)
+        return payload
+
+
+class HopBase(Strict):
+    """A hop's common keys; the kind's key (``mqtt``, ...) is added per registered kind."""
+
+    name: Name
+    within: PositiveDuration
+    expect: dict[PathText, str | int | float | bool | None] = Field(default_factory=dict)
+
+    @field_validator("expect")
+    @classmethod
+    def _valid_expectations(cls, expect: dict[str, Any]) -> dict[str, Any]:
+        for value in expect.values():
+            if isinstance(value, str):
+                TextTemplate(value, SIGNAL_FIELDS)
+        return expect
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> HopBase:
+        kinds = [kind for kind in hop_kinds() if getattr(self, kind, None) is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                f"a hop needs exactly one kind ({', '.join(hop_kinds())}); "
+                + (f"this one has {', '.join(kinds)}" if kinds else "this one has none")
+            )
+        return self
+
+    @property
+    def kind(self) -> tuple[str, Any]:
+        """The hop's kind and its config."""
+        for kind in hop_kinds():
+            config = getattr(self, kind, None)
+            if config is not None:
+                return kind, config
+        raise AssertionError("validated hops have a kind")
+
+
+Hop: type[HopBase] = create_model(  # type: ignore[call-overload]
+    "Hop",
+    __base__=HopBase,
+    __doc__="One observable event of a chain, with its deadline from the send.",
+    **{kind: (observer.config_model | None, None) for kind, observer in hop_kinds().items()},
+)
+
+
+class ChainConfig(Strict):
+    """An ordered list of hops that a signal passes."""
+
+    name: Name
+    signal: str
+    sample: float = Field(1.0, gt=0, le=1)
+    hops: list[Hop] = Field(min_length=1)
+
+
+class ObjectiveConfig(Strict):
+    """Objectives for a chain, or for one hop of it; each metric given is one objective."""
+
+    chain: str
+    hop: str | None = None
+    success_ratio: float | None = Field(None, ge=0, le=1)
+    p50: PositiveDuration | None = None
+    p90: PositiveDuration | None = None
+    p95: PositiveDuration | None = None
+    p99: PositiveDuration | None = None
+    max: PositiveDuration | None = None
+
+    @model_validator(mode="after")
+    def _some_metric(self) -> ObjectiveConfig:
+        if not self.metrics():
+            raise ValueError("give at least one of success_ratio, p50, p90, p95, p99, max")
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        """The objectives that are set, by metric name."""
+        names = ("success_ratio", "p50", "p90", "p95", "p99", "max")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def _listen_input(value: Any) -> Any:
+    if isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not host:port (like 127.0.0.1:9464)")
+    return value
+
+
+Listen = Annotated[str, BeforeValidator(_listen_input)]
+
+
+class PrometheusExporterConfig(Strict):
+    """Serve /metrics while the run lasts."""
+
+    listen: Listen = "127.0.0.1:9464"
+
+
+class ExportersConfig(Strict):
+    """Where results go. Output paths are relative to the working directory."""
+
+    prometheus: PrometheusExporterConfig | None = None
+    json_path: str | None = Field(None, alias="json")
+    junit: str | None = None
+    traces: str | None = None
+
+
+class Scenario(Strict):
+    """A whole scenario file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: Name
+    duration: PositiveDuration
+    seed: int = 0
+    speed: float = Field(1.0, gt=0, le=10_000)
+    target: Target
+    fleet: FleetConfig
+    signals: dict[str, SignalConfig] = Field(min_length=1)
+    chains: list[ChainConfig] = Field(default_factory=list)
+    slo: list[ObjectiveConfig] = Field(default_factory=list)
+    exporters: ExportersConfig = ExportersConfig()
