@@ -1,0 +1,1 @@
+"""Test infrastructure for fleetprobe: an embedded MQTT broker for demos and tests."""
