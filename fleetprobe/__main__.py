@@ -1,0 +1,7 @@
+"""``python -m fleetprobe``."""
+
+import sys
+
+from fleetprobe.cli import main
+
+sys.exit(main())

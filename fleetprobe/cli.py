@@ -1,0 +1,179 @@
+"""The ``fleetprobe`` command: run, validate, schema, testbed, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from fleetprobe.exit_codes import ExitCode
+from fleetprobe.scenario import ScenarioError, load_scenario
+from fleetprobe.scenario.models import Scenario
+from probes.config import parse_duration
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (see :class:`ExitCode`)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("transport.mqtt").setLevel(logging.WARNING)
+    try:
+        code: int = args.command(args)
+        return code
+    except ScenarioError as error:
+        print(error, file=sys.stderr)
+        return ExitCode.BAD_SCENARIO
+    except ValueError as error:
+        print(f"fleetprobe: {error}", file=sys.stderr)
+        return ExitCode.BAD_SCENARIO
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fleetprobe.run import RunOptions, run_scenario
+
+    loaded = load_scenario(args.scenario)
+    options = RunOptions(
+        duration_s=args.duration,
+        shard=args.shard,
+        metrics_listen=args.metrics_listen,
+        out=sys.stdout,
+    )
+    return asyncio.run(run_scenario(loaded, options)).exit_code
+
+
+def _validate(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        try:
+            loaded = load_scenario(path)
+        except ScenarioError as error:
+            print(error, file=sys.stderr)
+            failed = True
+            continue
+        s = loaded.scenario
+        hops = sum(len(c.hops) for c in s.chains)
+        print(
+            f"{path}: ok ({s.name}: {s.fleet.vehicles} vehicles, {len(s.signals)} signals, "
+            f"{len(s.chains)} chains, {hops} hops, {len(s.slo)} objectives)"
+        )
+    return ExitCode.BAD_SCENARIO if failed else ExitCode.OK
+
+
+def _schema(_args: argparse.Namespace) -> int:
+    schema = Scenario.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "fleetprobe scenario (v1)"
+    print(json.dumps(schema, indent=2))
+    return ExitCode.OK
+
+
+def _testbed(args: argparse.Namespace) -> int:
+    from testbed.cli import run_testbed
+
+    return run_testbed(args.mqtt, delay_s=args.delay, jitter_s=args.jitter, drop_ratio=args.drop)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from testbed.demo import run_demo
+
+    return run_demo(
+        duration_s=args.duration,
+        metrics_listen=args.metrics_listen,
+        gateway_delay_s=args.gateway_delay,
+    )
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit() or not 0 <= int(index) < int(count):
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N with 0 <= I < N (like 0/4)")
+    return int(index), int(count)
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetprobe",
+        description="Synthetic end-to-end probe for vehicle/IoT platforms.",
+        epilog="Exit codes: 0 objectives met, 1 an objective failed, 2 bad scenario or usage, "
+        "3 target unreachable, 130/143 interrupted.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a scenario against a platform")
+    run.add_argument("scenario", help="the scenario YAML file")
+    run.add_argument("--duration", type=_duration, help="override the emission duration (e.g. 10s)")
+    run.add_argument(
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        metavar="I/N",
+        help="run only shard I of N of the fleet (stable by VIN)",
+    )
+    run.add_argument(
+        "--metrics-listen", metavar="HOST:PORT", help="override exporters.prometheus.listen"
+    )
+    run.set_defaults(command=_run)
+
+    validate = commands.add_parser("validate", help="check scenario files; exit 0 or 2")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.set_defaults(command=_validate)
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of the scenario format")
+    schema.set_defaults(command=_schema)
+
+    testbed = commands.add_parser("testbed", help="run the reference platform against a broker")
+    testbed.add_argument(
+        "--mqtt", required=True, metavar="URL", help="the broker, mqtt://host:port"
+    )
+    testbed.add_argument("--delay", type=_duration, default=0.0, help="gateway delay (e.g. 100ms)")
+    testbed.add_argument("--jitter", type=_duration, default=0.0, help="gateway delay jitter (±)")
+    testbed.add_argument(
+        "--drop", type=_ratio, default=0.0, help="share of messages the gateway drops"
+    )
+    testbed.set_defaults(command=_testbed)
+
+    demo = commands.add_parser(
+        "demo", help="run the demo: a broker, the testbed and the demo scenario"
+    )
+    demo.add_argument(
+        "--duration", type=_duration, default=None, help="emission time (default: 30s)"
+    )
+    demo.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        default=os.environ.get("FLEETPROBE_METRICS_LISTEN", "127.0.0.1:9464"),
+    )
+    demo.add_argument(
+        "--gateway-delay",
+        type=_duration,
+        default=0.0,
+        help="make the testbed's gateway slow (e.g. 100ms)",
+    )
+    demo.set_defaults(command=_demo)
+    return parser

@@ -1,0 +1,13 @@
+"""Exit codes, in one place."""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What the process exit status means (128 + N: ended by signal N, as shells do)."""
+
+    OK = 0  # every objective met
+    OBJECTIVE_FAILED = 1
+    BAD_SCENARIO = 2  # or bad usage
+    UNREACHABLE = 3  # the target could not be reached
+    INTERRUPTED = 130  # SIGINT; SIGTERM gives 143

@@ -1,0 +1,119 @@
+"""Turn a validated scenario into the inputs of the simulator, the probes and the transport."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleetprobe.scenario.models import Scenario
+from probes.chains import ChainSpec, Expectation, HopSpec
+from probes.observers import WatchedHop
+from simulator.fleet import SIGNAL_FIELDS, TOPIC_FIELDS, Area, Cadence, FleetSpec, Profile
+from simulator.publisher import SignalSpec
+from simulator.templates import PayloadTemplate, TextTemplate
+from transport.mqtt import BrokerTarget, make_tls_context, parse_broker_url
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run needs, derived once from the scenario."""
+
+    fleet: FleetSpec
+    signals: dict[str, SignalSpec]
+    chains: tuple[ChainSpec, ...]
+    hops_by_kind: dict[str, list[WatchedHop]]
+    broker: BrokerTarget
+
+
+def make_plan(scenario: Scenario, base_dir: Path) -> RunPlan:
+    """Build the run's plan; TLS files are read relative to ``base_dir``."""
+    return RunPlan(
+        fleet=_fleet(scenario),
+        signals={
+            name: SignalSpec(
+                name,
+                TextTemplate(s.topic, TOPIC_FIELDS),
+                s.qos,
+                PayloadTemplate(s.payload, SIGNAL_FIELDS),
+            )
+            for name, s in scenario.signals.items()
+        },
+        chains=tuple(
+            ChainSpec(
+                name=chain.name,
+                signal=chain.signal,
+                sample=chain.sample,
+                hops=tuple(
+                    HopSpec(
+                        hop.name,
+                        hop.within,
+                        tuple(
+                            Expectation(
+                                path,
+                                TextTemplate(value, SIGNAL_FIELDS)
+                                if isinstance(value, str)
+                                else value,
+                            )
+                            for path, value in hop.expect.items()
+                        ),
+                    )
+                    for hop in chain.hops
+                ),
+            )
+            for chain in scenario.chains
+        ),
+        hops_by_kind=_hops_by_kind(scenario),
+        broker=make_broker_target(scenario, base_dir),
+    )
+
+
+def make_broker_target(scenario: Scenario, base_dir: Path) -> BrokerTarget:
+    """The broker of ``scenario.target.mqtt``, with a TLS context for ``mqtts://``."""
+    mqtt = scenario.target.mqtt
+    host, port, use_tls = parse_broker_url(mqtt.url)
+    tls = None
+    if use_tls or mqtt.tls is not None:
+        files = mqtt.tls
+        tls = make_tls_context(
+            str(base_dir / files.ca) if files and files.ca else None,
+            str(base_dir / files.cert) if files and files.cert else None,
+            str(base_dir / files.key) if files and files.key else None,
+        )
+    return BrokerTarget(
+        host=host,
+        port=port,
+        protocol=mqtt.protocol,
+        username=mqtt.username,
+        password=mqtt.password.get_secret_value() if mqtt.password else None,
+        tls=tls,
+        keepalive_s=max(1, round(mqtt.keepalive)),
+    )
+
+
+def _fleet(scenario: Scenario) -> FleetSpec:
+    fleet = scenario.fleet
+    return FleetSpec(
+        seed=scenario.seed,
+        vehicles=fleet.vehicles,
+        area=Area(fleet.area.lat, fleet.area.lon, fleet.area.radius_km),
+        profiles=tuple(
+            Profile(
+                name=p.name,
+                weight=p.weight,
+                speed_kmh=p.speed_kmh,
+                powertrain=p.powertrain,
+                signals={n: Cadence(c.every, c.jitter_s) for n, c in p.signals.items()},
+            )
+            for p in fleet.profiles
+        ),
+    )
+
+
+def _hops_by_kind(scenario: Scenario) -> dict[str, list[WatchedHop]]:
+    grouped: dict[str, list[WatchedHop]] = defaultdict(list)
+    for c, chain in enumerate(scenario.chains):
+        for h, hop in enumerate(chain.hops):
+            kind, config = hop.kind
+            grouped[kind].append(WatchedHop(c, h, chain.name, hop.name, config))
+    return dict(grouped)

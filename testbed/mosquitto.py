@@ -1,0 +1,118 @@
+"""Start a private Mosquitto broker on loopback, for the demo and the tests."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+READY_TIMEOUT_S = 10.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def mosquitto_path() -> str | None:
+    """The mosquitto binary, looking where Debian installs it too (often not on PATH)."""
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
+
+
+class MosquittoProcess:
+    """A mosquitto subprocess with its own config: 127.0.0.1, a free port, anonymous access.
+
+    ``set_tcp_nodelay`` is on: without it the broker's small writes wait for Nagle's
+    algorithm and p99.9 latency jumps to ~40 ms on loopback.
+    """
+
+    def __init__(self, binary: str | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        found = binary or mosquitto_path()
+        if found is None:
+            raise FileNotFoundError(
+                "mosquitto is not installed (Debian: apt-get install mosquitto)"
+            )
+        self.binary = found
+        self.host = host
+        self.port = port or free_port(host)
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``mqtt://127.0.0.1:PORT``."""
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self) -> MosquittoProcess:
+        """Start the broker and return once it accepts connections."""
+        self._dir = tempfile.TemporaryDirectory(prefix="fleetprobe-mosquitto-")
+        config = Path(self._dir.name) / "mosquitto.conf"
+        config.write_text(
+            f"listener {self.port} {self.host}\n"
+            "allow_anonymous true\n"
+            "set_tcp_nodelay true\n"
+            "persistence false\n"
+            "max_queued_messages 100000\n"
+            "log_type error\nlog_type warning\n"
+        )
+        self._process = subprocess.Popen(
+            [self.binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self._wait_ready()
+        return self
+
+    def stop(self) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after 5 s)."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        if process is not None and process.stderr is not None:
+            process.stderr.close()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> MosquittoProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        assert self._process is not None
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                error = (
+                    self._process.stderr.read().decode(errors="replace")
+                    if self._process.stderr
+                    else ""
+                )
+                raise RuntimeError(
+                    f"mosquitto exited with {self._process.returncode}: {error.strip()}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.02)  # polling a port: there is no event to wait on
+        self.stop()
+        raise RuntimeError(f"mosquitto did not accept connections within {READY_TIMEOUT_S:g}s")
