@@ -1,0 +1,78 @@
+"""Shared fixtures: a real Mosquitto on loopback, unique topic prefixes, scenario builders."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from testbed.mosquitto import MosquittoProcess
+from transport.mqtt import BrokerTarget, parse_broker_url
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    """A Mosquitto broker for the whole session (``MQTT_TEST_URL`` may name another)."""
+    if os.environ.get("MQTT_TEST_URL"):
+        yield os.environ["MQTT_TEST_URL"]
+        return
+    with MosquittoProcess() as broker:
+        yield broker.url
+
+
+@pytest.fixture
+def broker(broker_url: str) -> BrokerTarget:
+    """The session broker as a connection target."""
+    host, port, _ = parse_broker_url(broker_url)
+    return BrokerTarget(host, port)
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic prefix no other test uses."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def scenario_dict(broker_url: str, prefix: str, **overrides: Any) -> dict[str, Any]:
+    """A small valid scenario whose topics all live under ``prefix``."""
+    scenario: dict[str, Any] = {
+        "name": "test",
+        "duration": "2s",
+        "seed": 7,
+        "target": {"mqtt": {"url": broker_url, "sessions": "pooled", "pool": 2}},
+        "fleet": {
+            "vehicles": 10,
+            "area": {"lat": 48.78, "lon": 9.18, "radius_km": 5},
+            "profiles": [{"name": "car", "signals": {"telemetry": {"every": "200ms"}}}],
+        },
+        "signals": {
+            "telemetry": {
+                "topic": f"{prefix}/vehicles/{{vin}}/telemetry",
+                "qos": 0,
+                "payload": {"vin": "{vin}", "trace_id": "{trace_id}", "speed_kmh": "{speed_kmh}"},
+            }
+        },
+        "chains": [
+            {
+                "name": "telemetry",
+                "signal": "telemetry",
+                "hops": [
+                    {"name": "broker", "mqtt": {"topic": f"{prefix}/vehicles/+/telemetry"},
+                     "within": "500ms"},
+                ],
+            }
+        ],
+    }
+    scenario.update(overrides)
+    return scenario
+
+
+def write_scenario(path: Path, scenario: dict[str, Any]) -> Path:
+    """Write ``scenario`` as YAML to ``path``."""
+    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+    return path
