@@ -32,7 +32,7 @@ from fleetprobe.plan import RunPlan, make_plan
 from fleetprobe.scenario import LoadedScenario
 from probes.chains import FollowedSignal
 from probes.observers import Observer, ObserverContext, ObserverSetupError, hop_kinds
-from probes.tracker import Tracker
+from probes.tracker import Tracker, sweep_deadlines
 from simulator.clock import FleetClock
 from simulator.fleet import build_fleet
 from simulator.publisher import MqttPublisher, iso_utc
@@ -40,7 +40,6 @@ from transport.errors import ConnectError, TransportError
 
 log = logging.getLogger("fleetprobe")
 
-SWEEP_INTERVAL_S = 0.01
 INTERRUPT_DRAIN_S = 2.0
 STARTUP_TIMEOUT_S = 30.0
 PROGRESS_EVERY_S = 10.0
@@ -233,13 +232,6 @@ async def _emit_and_follow(
         clock.stop()
     emitting = True
 
-    async def sweep() -> None:
-        while True:
-            tracker.expire(time.monotonic_ns())
-            if not emitting and tracker.idle:
-                return
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-
     async def progress() -> None:
         while True:
             await asyncio.sleep(PROGRESS_EVERY_S)
@@ -248,7 +240,7 @@ async def _emit_and_follow(
     async with asyncio.TaskGroup() as group:
         watchers = [group.create_task(_observe(o)) for o in observers]
         reporter = group.create_task(progress())
-        sweeper = group.create_task(sweep())
+        sweeper = group.create_task(sweep_deadlines(tracker, lambda: not emitting and tracker.idle))
         await clock.run(duration_s, emitter.emit)
         await emitter.flush()
         emitting = False

@@ -12,8 +12,10 @@ and then it is retired (the trace log writes it).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from probes.chains import FAILURES, ChainSpec, FollowedSignal, HopResult, Verdict
@@ -204,3 +206,22 @@ class Tracker:
         if any(trace_id in table for table in self._tables):
             return
         self._listener.on_unmatched(chain_index, hop_index, UNKNOWN_TRACE_ID)
+
+
+async def sweep_deadlines(
+    tracker: Tracker, done: Callable[[], bool], max_interval_s: float = 0.01
+) -> None:
+    """Expire the tracker's deadlines as they come, until ``done()`` is true.
+
+    Sleeps until the earliest pending deadline, but never longer than ``max_interval_s``
+    (a signal followed meanwhile may bring an earlier one), so a timeout is declared
+    within a few milliseconds of its deadline.
+    """
+    while True:
+        now_ns = time.monotonic_ns()
+        tracker.expire(now_ns)
+        if done():
+            return
+        next_ns = tracker.next_deadline_ns()
+        wait_s = max_interval_s if next_ns is None else (next_ns - now_ns) / 1e9
+        await asyncio.sleep(min(max(wait_s, 0.0005), max_interval_s))
