@@ -62,8 +62,11 @@ def scenario_dict(broker_url: str, prefix: str, **overrides: Any) -> dict[str, A
                 "name": "telemetry",
                 "signal": "telemetry",
                 "hops": [
-                    {"name": "broker", "mqtt": {"topic": f"{prefix}/vehicles/+/telemetry"},
-                     "within": "500ms"},
+                    {
+                        "name": "broker",
+                        "mqtt": {"topic": f"{prefix}/vehicles/+/telemetry"},
+                        "within": "500ms",
+                    },
                 ],
             }
         ],

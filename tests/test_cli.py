@@ -1,0 +1,135 @@
+"""The fleetprobe command as users run it: exit codes, signals, /metrics, the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from conftest import scenario_dict, write_scenario
+from testbed.mosquitto import free_port
+from transport.mqtt import BrokerTarget, MqttSession
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+async def fleetprobe(*args: str, cwd: Path, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    """Start ``fleetprobe ARGS`` as a subprocess."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fleetprobe", *args, cwd=cwd,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )
+
+
+async def finish(process: asyncio.subprocess.Process, timeout_s: float = 60) -> tuple[int, str, str]:
+    """Wait for the process; return exit code, stdout and stderr."""
+    async with asyncio.timeout(timeout_s):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_unreachable_broker_exits_3_naming_the_url(tmp_path: Path, prefix: str) -> None:
+    """A broker that refuses connections: exit 3 within seconds, the message names the URL."""
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    path = write_scenario(tmp_path / "s.yaml", scenario_dict(url, prefix))
+    started = time.monotonic()
+    code, _, err = await finish(await fleetprobe("run", str(path), cwd=tmp_path), 20)
+    assert code == 3
+    assert f"cannot connect to {url}" in err
+    assert time.monotonic() - started < 15
+
+
+async def test_a_broken_scenario_sends_nothing(tmp_path: Path, broker: BrokerTarget, broker_url: str,
+                                               prefix: str) -> None:
+    """An invalid scenario exits 2 and the broker sees no message from it."""
+    scenario = scenario_dict(broker_url, prefix)
+    scenario["chains"][0]["signal"] = "no-such-signal"
+    path = write_scenario(tmp_path / "s.yaml", scenario)
+    async with MqttSession(broker, f"watch-{prefix}") as watcher:
+        await watcher.subscribe([f"{prefix}/#"])
+        code, _, err = await finish(await fleetprobe("run", str(path), cwd=tmp_path))
+        await watcher.publish(f"{prefix}/sentinel", b"end")
+        async with asyncio.timeout(5):
+            first = await anext(aiter(watcher.messages()))
+    assert code == 2
+    assert "chains[0] (telemetry) > signal: unknown signal 'no-such-signal'" in err
+    assert first.topic == f"{prefix}/sentinel"
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+async def test_a_signal_stops_emission_and_still_writes_the_reports(
+    tmp_path: Path, broker_url: str, prefix: str, signum: int, code: int
+) -> None:
+    """SIGTERM/SIGINT mid-run: exit 143/130, report and traces written, every signal judged."""
+    scenario = scenario_dict(broker_url, prefix, duration="60s")
+    scenario["exporters"] = {"json": "out/report.json", "traces": "out/traces.jsonl"}
+    path = write_scenario(tmp_path / "s.yaml", scenario)
+    process = await fleetprobe("run", str(path), cwd=tmp_path)
+    assert process.stderr is not None
+    async with asyncio.timeout(20):
+        while b"emitting" not in await process.stderr.readline():
+            pass
+    await asyncio.sleep(0.5)  # let some signals go out; the test is about what comes after
+    process.send_signal(signum)
+    exit_code, out, _ = await finish(process, 15)
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    lines = (tmp_path / "out/traces.jsonl").read_text().splitlines()
+    chain = report["chains"]["telemetry"]
+    assert exit_code == code
+    assert report["interrupted"] is True and report["exit_code"] == code
+    assert chain["followed"] == len(lines) == report["signals"]["telemetry"]["sent"] > 0
+    assert "fleetprobe: test" in out
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian: prometheus) not installed")
+async def test_metrics_exposition_passes_promtool(tmp_path: Path, broker_url: str, prefix: str) -> None:
+    """/metrics during a run is valid for promtool and carries the documented names."""
+    port = free_port()
+    scenario = scenario_dict(broker_url, prefix, duration="5s")
+    scenario["exporters"] = {"prometheus": {"listen": f"127.0.0.1:{port}"}}
+    process = await fleetprobe("run", str(write_scenario(tmp_path / "s.yaml", scenario)), cwd=tmp_path)
+    text = ""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(20):
+        while "fleetprobe_hop_results_total" not in text or 'result="ok"} 0.0' in text:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                    text = await response.text()
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)  # polling a scrape target, as Prometheus does
+        async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+            assert response.status == 200
+    process.send_signal(signal.SIGTERM)
+    await finish(process)
+    check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True,
+                           timeout=30, check=False)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+    for name in ("fleetprobe_signals_sent_total", "fleetprobe_emission_lag_seconds_bucket",
+                 "fleetprobe_hop_latency_seconds_bucket", "fleetprobe_hop_step_seconds_bucket",
+                 "fleetprobe_chain_results_total", "fleetprobe_chain_latency_seconds_bucket",
+                 "fleetprobe_inflight_signals", "fleetprobe_hop_results_total"):
+        assert f"\n{name}{{" in text, name
+    assert 'fleetprobe_hop_results_total{chain="telemetry",hop="broker",result="timeout",scenario="test"} 0.0' in text
+
+
+async def test_the_demo_runs_and_prints_per_hop_results(tmp_path: Path) -> None:
+    """`fleetprobe demo` starts its broker and testbed and prints every hop, exit 0."""
+    port = free_port()
+    code, out, err = await finish(await fleetprobe(
+        "demo", "--duration", "2s", "--metrics-listen", f"127.0.0.1:{port}", cwd=tmp_path), 90)
+    assert code == 0, err
+    for hop_line in ("broker ", "gateway "):
+        assert hop_line in out
+    assert "chain telemetry-to-platform" in out and "chain door-to-broker" in out
+    assert (tmp_path / "out/report.json").exists()

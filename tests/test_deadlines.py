@@ -1,0 +1,52 @@
+"""Timeouts are declared on time by the deadline sweep, on the real clock."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from probes.chains import ChainSpec, FollowedSignal, HopSpec
+from probes.tracker import Tracker, sweep_deadlines
+
+
+class VerdictTimes:
+    """Records when each verdict was given."""
+
+    def __init__(self) -> None:
+        self.at_ns: dict[str, int] = {}
+        self.retired = 0
+
+    def on_verdict(self, signal: FollowedSignal) -> None:
+        self.at_ns[signal.trace_id] = time.monotonic_ns()
+
+    def on_retired(self, signal: FollowedSignal) -> None:
+        self.retired += 1
+
+    def on_duplicate(self, chain_index: int, hop_index: int) -> None:
+        pass
+
+    def on_unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
+        pass
+
+
+async def test_timeouts_are_declared_within_100ms_of_the_deadline() -> None:
+    """A hop that sees nothing times out after `within` and no more than 100 ms later."""
+    within_s = 0.3
+    chain = ChainSpec("c", "s", (HopSpec("silent", within_s),))
+    times = VerdictTimes()
+    tracker = Tracker([chain], times)
+    sent: dict[str, int] = {}
+    following = True
+    sweeper = asyncio.create_task(sweep_deadlines(tracker, lambda: not following and tracker.idle))
+    for n in range(50):
+        trace_id = f"{n:032x}"
+        sent[trace_id] = now = time.monotonic_ns()
+        tracker.follow(0, trace_id, "s", "VIN", now, now, now // 1000, {})
+        await asyncio.sleep(0.01)
+    following = False
+    async with asyncio.timeout(5):
+        await sweeper
+    lateness_s = [(times.at_ns[t] - sent[t]) / 1e9 - within_s for t in sent]
+    assert len(lateness_s) == 50 == times.retired
+    assert min(lateness_s) >= 0
+    assert max(lateness_s) <= 0.100
