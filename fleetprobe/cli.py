@@ -108,6 +108,13 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _listen(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (like 127.0.0.1:9464)")
+    return text
+
+
 def _ratio(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
@@ -136,7 +143,10 @@ def _parser() -> argparse.ArgumentParser:
         help="run only shard I of N of the fleet (stable by VIN)",
     )
     run.add_argument(
-        "--metrics-listen", metavar="HOST:PORT", help="override exporters.prometheus.listen"
+        "--metrics-listen",
+        type=_listen,
+        metavar="HOST:PORT",
+        help="override exporters.prometheus.listen",
     )
     run.set_defaults(command=_run)
 
@@ -166,6 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--metrics-listen",
+        type=_listen,
         metavar="HOST:PORT",
         default=os.environ.get("FLEETPROBE_METRICS_LISTEN", "127.0.0.1:9464"),
     )

@@ -22,7 +22,7 @@ from exporters.junit import write_junit
 from exporters.metrics import ProbeMetrics
 from exporters.report import build_report, write_json
 from exporters.results import ResultBook
-from exporters.server import make_metrics_app, serve
+from exporters.server import ListenError, make_metrics_app, serve
 from exporters.summary import render_summary
 from exporters.traces import TraceLog
 from fleetprobe.emitter import Emitter
@@ -153,6 +153,9 @@ async def run_scenario(loaded: LoadedScenario, options: RunOptions | None = None
                     interruption,
                     book,
                 )
+        except ListenError as error:
+            log.error("%s", error)
+            result.exit_code = ExitCode.BAD_SCENARIO
         except (ConnectError, ObserverSetupError, TimeoutError) as error:
             message = (
                 str(error)

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
+import socket
 import sys
 import time
 from pathlib import Path
@@ -22,16 +22,25 @@ from transport.mqtt import BrokerTarget, MqttSession
 REPO = Path(__file__).resolve().parents[1]
 
 
-async def fleetprobe(*args: str, cwd: Path, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+async def fleetprobe(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
     """Start ``fleetprobe ARGS`` as a subprocess."""
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fleetprobe", *args, cwd=cwd,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "fleetprobe",
+        *args,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
 
 
-async def finish(process: asyncio.subprocess.Process, timeout_s: float = 60) -> tuple[int, str, str]:
+async def finish(
+    process: asyncio.subprocess.Process, timeout_s: float = 60
+) -> tuple[int, str, str]:
     """Wait for the process; return exit code, stdout and stderr."""
     async with asyncio.timeout(timeout_s):
         out, err = await process.communicate()
@@ -50,8 +59,9 @@ async def test_unreachable_broker_exits_3_naming_the_url(tmp_path: Path, prefix:
     assert time.monotonic() - started < 15
 
 
-async def test_a_broken_scenario_sends_nothing(tmp_path: Path, broker: BrokerTarget, broker_url: str,
-                                               prefix: str) -> None:
+async def test_a_broken_scenario_sends_nothing(
+    tmp_path: Path, broker: BrokerTarget, broker_url: str, prefix: str
+) -> None:
     """An invalid scenario exits 2 and the broker sees no message from it."""
     scenario = scenario_dict(broker_url, prefix)
     scenario["chains"][0]["signal"] = "no-such-signal"
@@ -92,13 +102,19 @@ async def test_a_signal_stops_emission_and_still_writes_the_reports(
     assert "fleetprobe: test" in out
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian: prometheus) not installed")
-async def test_metrics_exposition_passes_promtool(tmp_path: Path, broker_url: str, prefix: str) -> None:
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool (Debian: prometheus) not installed"
+)
+async def test_metrics_exposition_passes_promtool(
+    tmp_path: Path, broker_url: str, prefix: str
+) -> None:
     """/metrics during a run is valid for promtool and carries the documented names."""
     port = free_port()
     scenario = scenario_dict(broker_url, prefix, duration="5s")
     scenario["exporters"] = {"prometheus": {"listen": f"127.0.0.1:{port}"}}
-    process = await fleetprobe("run", str(write_scenario(tmp_path / "s.yaml", scenario)), cwd=tmp_path)
+    process = await fleetprobe(
+        "run", str(write_scenario(tmp_path / "s.yaml", scenario)), cwd=tmp_path
+    )
     text = ""
     async with aiohttp.ClientSession() as http, asyncio.timeout(20):
         while "fleetprobe_hop_results_total" not in text or 'result="ok"} 0.0' in text:
@@ -112,24 +128,62 @@ async def test_metrics_exposition_passes_promtool(tmp_path: Path, broker_url: st
             assert response.status == 200
     process.send_signal(signal.SIGTERM)
     await finish(process)
-    check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True,
-                           timeout=30, check=False)
-    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
-    for name in ("fleetprobe_signals_sent_total", "fleetprobe_emission_lag_seconds_bucket",
-                 "fleetprobe_hop_latency_seconds_bucket", "fleetprobe_hop_step_seconds_bucket",
-                 "fleetprobe_chain_results_total", "fleetprobe_chain_latency_seconds_bucket",
-                 "fleetprobe_inflight_signals", "fleetprobe_hop_results_total"):
+    promtool = await asyncio.create_subprocess_exec(
+        "promtool",
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(30):
+        verdict, _ = await promtool.communicate(text.encode())
+    assert promtool.returncode == 0, verdict.decode()
+    for name in (
+        "fleetprobe_signals_sent_total",
+        "fleetprobe_emission_lag_seconds_bucket",
+        "fleetprobe_hop_latency_seconds_bucket",
+        "fleetprobe_hop_step_seconds_bucket",
+        "fleetprobe_chain_results_total",
+        "fleetprobe_chain_latency_seconds_bucket",
+        "fleetprobe_inflight_signals",
+        "fleetprobe_hop_results_total",
+    ):
         assert f"\n{name}{{" in text, name
-    assert 'fleetprobe_hop_results_total{chain="telemetry",hop="broker",result="timeout",scenario="test"} 0.0' in text
+    zero_timeouts = 'hop="broker",result="timeout",scenario="test"} 0.0'
+    assert f'fleetprobe_hop_results_total{{chain="telemetry",{zero_timeouts}' in text
 
 
 async def test_the_demo_runs_and_prints_per_hop_results(tmp_path: Path) -> None:
     """`fleetprobe demo` starts its broker and testbed and prints every hop, exit 0."""
     port = free_port()
-    code, out, err = await finish(await fleetprobe(
-        "demo", "--duration", "2s", "--metrics-listen", f"127.0.0.1:{port}", cwd=tmp_path), 90)
+    code, out, err = await finish(
+        await fleetprobe(
+            "demo", "--duration", "2s", "--metrics-listen", f"127.0.0.1:{port}", cwd=tmp_path
+        ),
+        90,
+    )
     assert code == 0, err
     for hop_line in ("broker ", "gateway "):
         assert hop_line in out
     assert "chain telemetry-to-platform" in out and "chain door-to-broker" in out
     assert (tmp_path / "out/report.json").exists()
+
+
+async def test_a_metrics_port_in_use_is_a_clear_usage_error(
+    tmp_path: Path, broker_url: str, prefix: str
+) -> None:
+    """When /metrics cannot bind, the run exits 2 before sending, naming the address."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_scenario(tmp_path / "s.yaml", scenario_dict(broker_url, prefix))
+        code, _, err = await finish(
+            await fleetprobe(
+                "run", str(path), "--metrics-listen", f"127.0.0.1:{port}", cwd=tmp_path
+            )
+        )
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err
+    assert "Traceback" not in err

@@ -16,7 +16,8 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     lines = (REPO / "Dockerfile").read_text().splitlines()
     return [
         (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
-        for line in lines if line.strip() and not line.lstrip().startswith("#")
+        for line in lines
+        if line.strip() and not line.lstrip().startswith("#")
     ]
 
 
@@ -33,8 +34,16 @@ def test_dockerfile_installs_every_package_the_same_way_as_the_readme() -> None:
     """The image copies every package and installs with `pip install .`, as README's command 1."""
     instructions = dockerfile_instructions()
     copied = {args.split()[0] for kind, args in instructions if kind == "COPY"}
-    assert {"fleetprobe", "simulator", "probes", "exporters", "transport", "testbed",
-            "scenarios", "pyproject.toml"} <= copied
+    assert {
+        "fleetprobe",
+        "simulator",
+        "probes",
+        "exporters",
+        "transport",
+        "testbed",
+        "scenarios",
+        "pyproject.toml",
+    } <= copied
     runs = " ".join(args for kind, args in instructions if kind == "RUN")
     assert re.search(r"pip install (--no-cache-dir )?\.( |$)", runs)
     readme_first_command = next(
@@ -49,15 +58,23 @@ def test_dockerfile_installs_every_package_the_same_way_as_the_readme() -> None:
 def test_the_wheel_ships_every_package_and_the_demo_scenario(tmp_path: Path) -> None:
     """A built wheel holds all packages and scenarios/demo.yaml, so `fleetprobe demo` works."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-         "-w", str(tmp_path), str(REPO)],
-        check=True, timeout=180, capture_output=True,
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+        check=True,
+        timeout=180,
+        capture_output=True,
     )
     wheel = next(tmp_path.glob("fleetprobe-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "scenarios/demo.yaml" in names
-    for package in ("fleetprobe", "simulator", "probes", "probes/observers", "exporters",
-                    "transport", "testbed"):
+    for package in (
+        "fleetprobe",
+        "simulator",
+        "probes",
+        "probes/observers",
+        "exporters",
+        "transport",
+        "testbed",
+    ):
         assert f"{package}/__init__.py" in names, package
     assert not any(name.startswith("tests/") for name in names)
 

@@ -15,8 +15,13 @@ from transport.mqtt import BrokerTarget, MqttSession
 
 @pytest.mark.parametrize(
     ("protocol", "qos", "sessions"),
-    [("5", 0, "per_vehicle"), ("5", 1, "pooled"), ("5", 2, "pooled"), ("3.1.1", 1, "per_vehicle"),
-     ("3.1.1", 2, "pooled")],
+    [
+        ("5", 0, "per_vehicle"),
+        ("5", 1, "pooled"),
+        ("5", 2, "pooled"),
+        ("3.1.1", 1, "per_vehicle"),
+        ("3.1.1", 2, "pooled"),
+    ],
 )
 async def test_every_protocol_and_qos_is_followed_to_the_broker(
     tmp_path: Path, broker_url: str, prefix: str, protocol: str, qos: int, sessions: str
@@ -36,16 +41,18 @@ async def test_every_protocol_and_qos_is_followed_to_the_broker(
 async def test_mqtt5_signals_carry_traceparent_and_correlation_data(
     tmp_path: Path, broker_url: str, broker: BrokerTarget, prefix: str
 ) -> None:
-    """With MQTT 5 the trace id travels in the payload, a traceparent property and Correlation Data."""
+    """MQTT 5 signals carry the trace id in payload, traceparent property and Correlation Data."""
     scenario = scenario_dict(broker_url, prefix, duration="500ms")
     loaded = load_scenario(write_scenario(tmp_path / "s.yaml", scenario))
-    async with MqttSession(BrokerTarget(broker.host, broker.port, protocol="5"), f"w-{prefix}") as watcher:
+    async with MqttSession(
+        BrokerTarget(broker.host, broker.port, protocol="5"), f"w-{prefix}"
+    ) as watcher:
         await watcher.subscribe([f"{prefix}/vehicles/+/telemetry"])
         async with asyncio.timeout(30):
             await run_scenario(loaded, RunOptions(handle_signals=False))
             message = await anext(aiter(watcher.messages()))
     payload_id = message.payload.split(b'"trace_id":"')[1][:32].decode()
-    (name, traceparent), = message.user_properties
+    ((name, traceparent),) = message.user_properties
     assert name == "traceparent"
     assert traceparent.split("-")[1] == payload_id
     assert message.correlation_data == bytes.fromhex(payload_id)

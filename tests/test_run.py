@@ -23,9 +23,17 @@ def gateway_chain(prefix: str, **hop: Any) -> dict[str, Any]:
         "name": "through-gateway",
         "signal": "telemetry",
         "hops": [
-            {"name": "broker", "mqtt": {"topic": f"{prefix}/vehicles/+/telemetry"}, "within": "500ms"},
-            {"name": "gateway", "within": "2s",
-             "mqtt": {"topic": f"{prefix}/events/+", "trace_id": "$.meta.trace_id"}, **hop},
+            {
+                "name": "broker",
+                "mqtt": {"topic": f"{prefix}/vehicles/+/telemetry"},
+                "within": "500ms",
+            },
+            {
+                "name": "gateway",
+                "within": "2s",
+                "mqtt": {"topic": f"{prefix}/events/+", "trace_id": "$.meta.trace_id"},
+                **hop,
+            },
         ],
     }
 
@@ -50,8 +58,13 @@ async def run(tmp_path: Path, scenario: dict[str, Any]) -> RunResult:
 @asynccontextmanager
 async def gateway(broker: BrokerTarget, prefix: str, **knobs: float) -> AsyncIterator[Gateway]:
     """The testbed gateway from ``prefix/vehicles/+/telemetry`` to ``prefix/events/{vin}``."""
-    gw = Gateway(broker, GatewayKnobs(**knobs), input_filter=f"{prefix}/vehicles/+/telemetry",
-                 output_topic=f"{prefix}/events/{{vin}}", seed=1)
+    gw = Gateway(
+        broker,
+        GatewayKnobs(**knobs),
+        input_filter=f"{prefix}/vehicles/+/telemetry",
+        output_topic=f"{prefix}/events/{{vin}}",
+        seed=1,
+    )
     task = asyncio.create_task(gw.run())
     try:
         async with asyncio.timeout(10):
@@ -71,7 +84,9 @@ async def test_every_followed_signal_gets_one_verdict_and_one_trace_line(
     tmp_path: Path, broker_url: str, broker: BrokerTarget, prefix: str
 ) -> None:
     """Accounting: sent = followed = verdicts = trace lines, all hops ok, nothing pending."""
-    scenario = with_outputs(scenario_dict(broker_url, prefix, chains=[gateway_chain(prefix)]), tmp_path)
+    scenario = with_outputs(
+        scenario_dict(broker_url, prefix, chains=[gateway_chain(prefix)]), tmp_path
+    )
     async with gateway(broker, prefix):
         result = await run(tmp_path, scenario)
     report = json.loads((tmp_path / "report.json").read_text())
@@ -87,10 +102,21 @@ async def test_every_followed_signal_gets_one_verdict_and_one_trace_line(
         broker_hop, gateway_hop = line["hops"]["broker"], line["hops"]["gateway"]
         assert broker_hop["result"] == gateway_hop["result"] == "ok"
         assert broker_hop["step_s"] == broker_hop["latency_s"]
-        assert abs(gateway_hop["latency_s"] - broker_hop["latency_s"] - gateway_hop["step_s"]) < 1e-6
+        assert (
+            abs(gateway_hop["latency_s"] - broker_hop["latency_s"] - gateway_hop["step_s"]) < 1e-6
+        )
     assert chain["hops"]["gateway"]["results"]["ok"] == sent
-    assert set(lines[0]) == {"trace_id", "chain", "signal", "vin", "intended_at", "sent_at",
-                             "verdict", "failed_hop", "hops"}
+    assert set(lines[0]) == {
+        "trace_id",
+        "chain",
+        "signal",
+        "vin",
+        "intended_at",
+        "sent_at",
+        "verdict",
+        "failed_hop",
+        "hops",
+    }
 
 
 async def test_a_silent_hop_times_out_for_every_signal_at_that_hop(
@@ -111,7 +137,9 @@ async def test_gateway_delay_shows_as_the_step_latency_of_its_hop(
     tmp_path: Path, broker_url: str, broker: BrokerTarget, prefix: str
 ) -> None:
     """With the gateway adding 100 ms, the gateway hop's median step is 100 ms ± 5 ms."""
-    scenario = with_outputs(scenario_dict(broker_url, prefix, chains=[gateway_chain(prefix)]), tmp_path)
+    scenario = with_outputs(
+        scenario_dict(broker_url, prefix, chains=[gateway_chain(prefix)]), tmp_path
+    )
     async with gateway(broker, prefix, delay_s=0.100):
         await run(tmp_path, scenario)
     steps = [line["hops"]["gateway"]["step_s"] for line in trace_lines(tmp_path)]
@@ -136,9 +164,16 @@ async def test_malformed_downstream_messages_are_counted_not_fatal(
     tmp_path: Path, broker_url: str, broker: BrokerTarget, prefix: str
 ) -> None:
     """Non-JSON, id-less, badly shaped and unknown ids are counted by reason; the run ends."""
-    junk = [b"\xff not json", b'{"meta": {}}', b'{"meta": {"trace_id": "xyz"}}',
-            b'{"meta": {"trace_id": "0123456789abcdef0123456789abcdef"}}', b"[1, 2"]
-    scenario = with_outputs(scenario_dict(broker_url, prefix, chains=[gateway_chain(prefix)]), tmp_path)
+    junk = [
+        b"\xff not json",
+        b'{"meta": {}}',
+        b'{"meta": {"trace_id": "xyz"}}',
+        b'{"meta": {"trace_id": "0123456789abcdef0123456789abcdef"}}',
+        b"[1, 2",
+    ]
+    scenario = with_outputs(
+        scenario_dict(broker_url, prefix, chains=[gateway_chain(prefix)]), tmp_path
+    )
 
     async def spray() -> None:
         async with MqttSession(broker, f"junk-{prefix}") as session:
@@ -157,7 +192,9 @@ async def test_malformed_downstream_messages_are_counted_not_fatal(
     assert result.report["chains"]["through-gateway"]["failed"] == 0
 
 
-async def test_same_seed_sends_the_same_signals(tmp_path: Path, broker_url: str, prefix: str) -> None:
+async def test_same_seed_sends_the_same_signals(
+    tmp_path: Path, broker_url: str, prefix: str
+) -> None:
     """Two runs with one seed follow identical trace ids, VINs and sequence."""
     runs = []
     for n in (1, 2):
