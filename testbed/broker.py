@@ -30,6 +30,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from transport.topics import match_levels
+
 from .mqtt_codec import (
     MAX_VARINT,
     MQTT_5,
@@ -66,7 +68,6 @@ from .mqtt_codec import (
     get_property,
     is_valid_topic_filter,
     is_valid_topic_name,
-    match_levels,
 )
 
 _LOG = logging.getLogger(__name__)

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeAlias
 
+from transport.topics import check_topic_filter
+
 MQTT_311 = 4
 """Protocol level of MQTT 3.1.1."""
 MQTT_5 = 5
@@ -624,38 +626,11 @@ def is_valid_topic_name(topic: str) -> bool:
 
 def is_valid_topic_filter(topic_filter: str) -> bool:
     """Whether ``topic_filter`` is a syntactically valid subscription filter."""
-    if not topic_filter:
+    try:
+        check_topic_filter(topic_filter)
+    except ValueError:
         return False
-    levels = topic_filter.split("/")
-    for index, level in enumerate(levels):
-        if "#" in level and (level != "#" or index != len(levels) - 1):
-            return False
-        if "+" in level and level != "+":
-            return False
     return True
-
-
-def match_levels(filter_levels: Sequence[str], topic_levels: Sequence[str]) -> bool:
-    """Matches a topic against a filter, both already split on ``/``.
-
-    Wildcards in the first level never match topics starting with ``$``
-    (MQTT-4.7.2-1), so ``#`` does not see ``$SYS/...``.
-    """
-    if topic_levels[0].startswith("$") and filter_levels[0] in ("+", "#"):
-        return False
-    for index, level in enumerate(filter_levels):
-        if level == "#":
-            return True
-        if index >= len(topic_levels):
-            return False
-        if level != "+" and level != topic_levels[index]:
-            return False
-    return len(filter_levels) == len(topic_levels)
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """Whether ``topic`` matches ``topic_filter`` (``+``/``#`` wildcards)."""
-    return match_levels(topic_filter.split("/"), topic.split("/"))
 
 
 # --------------------------------------------------------------------------

@@ -42,8 +42,8 @@ from testbed.mqtt_codec import (
     encode_publish,
     encode_varint,
     is_valid_topic_filter,
-    topic_matches,
 )
+from transport.topics import topic_matches
 
 V311 = aiomqtt.ProtocolVersion.V311
 V5 = aiomqtt.ProtocolVersion.V5

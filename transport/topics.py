@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 MAX_TOPIC_BYTES = 65_535
 
 
@@ -26,11 +28,17 @@ def check_topic_filter(topic_filter: str) -> None:
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
-    """True when ``topic`` is matched by ``topic_filter`` (``$``-topics need a literal start)."""
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+    """True when ``topic`` is matched by ``topic_filter``."""
+    return match_levels(topic_filter.split("/"), topic.split("/"))
+
+
+def match_levels(filter_levels: Sequence[str], topic_levels: Sequence[str]) -> bool:
+    """Match a topic against a filter, both already split on ``/``.
+
+    Wildcards in the first level never match topics starting with ``$`` (MQTT-4.7.2-1).
+    """
+    if topic_levels[0].startswith("$") and filter_levels[0] in ("+", "#"):
         return False
-    filter_levels = topic_filter.split("/")
-    topic_levels = topic.split("/")
     for i, level in enumerate(filter_levels):
         if level == "#":
             return True
