@@ -25,6 +25,7 @@ UNKNOWN_TRACE_ID = "unknown_trace_id"
 RETAINED = "retained"
 LATE = "late"
 
+_INVALID_TRACE_ID = "0" * 32
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
@@ -45,14 +46,17 @@ def lookup(body: Any, steps: JsonPath) -> Any:
 def normalize_trace_id(value: Any) -> str | None:
     """The 32-hex trace id in ``value``, or None when it has the wrong shape."""
     if isinstance(value, bytes | bytearray):
-        return value.hex() if len(value) == 16 else None
-    if not isinstance(value, str):
-        return None
-    text = value.strip().lower()
-    if len(text) == 32 and _TRACE_ID.fullmatch(text):
-        return text if text != "0" * 32 else None
-    match = _TRACEPARENT.fullmatch(text)
-    return match.group(1) if match else None
+        found = value.hex() if len(value) == 16 else None
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if len(text) == 32 and _TRACE_ID.fullmatch(text):
+            found = text
+        else:
+            match = _TRACEPARENT.fullmatch(text)
+            found = match.group(1) if match else None
+    else:
+        found = None
+    return None if found == _INVALID_TRACE_ID else found  # all zeros is invalid (W3C)
 
 
 def parse_json(payload: bytes) -> Any:

@@ -49,6 +49,10 @@ class Tracker:
         self._queues: list[list[deque[FollowedSignal]]] = [
             [deque() for _ in c.hops] for c in self.chains
         ]
+        # Retired ids stay known for one more chain deadline, so that a sighting that comes
+        # after the verdict is counted as late, not as an id nobody follows.
+        self._retired: list[dict[str, int]] = [{} for _ in self.chains]
+        self._retired_order: list[deque[tuple[int, str]]] = [deque() for _ in self.chains]
 
     def inflight(self, chain_index: int) -> int:
         """Signals of a chain that are still in the table."""
@@ -110,6 +114,12 @@ class Tracker:
         if followed.results[hop_index] is not None:
             self._listener.on_unmatched(chain_index, hop_index, LATE)
             return
+        if seen_ns >= followed.sent_ns + self._within_ns[chain_index][hop_index]:
+            # Seen after its deadline but before the sweep got to it: still a timeout.
+            followed.results[hop_index] = HopResult.TIMEOUT
+            self._listener.on_unmatched(chain_index, hop_index, LATE)
+            self._complete_if_judged(followed)
+            return
         followed.seen_ns[hop_index] = seen_ns
         followed.results[hop_index] = self._judge(followed, hop_index, body)
         self._complete_if_judged(followed)
@@ -120,6 +130,7 @@ class Tracker:
 
     def expire(self, now_ns: int) -> None:
         """Time out every hop whose deadline has passed, and retire finished signals."""
+        self._forget_retired(now_ns)
         for chain_index, queues in enumerate(self._queues):
             within = self._within_ns[chain_index]
             last = len(queues) - 1
@@ -189,9 +200,18 @@ class Tracker:
         self._listener.on_verdict(followed)
 
     def _retire(self, followed: FollowedSignal) -> None:
-        table = self._tables[followed.chain_index]
-        if table.pop(followed.trace_id, None) is not None:
-            self._listener.on_retired(followed)
+        c = followed.chain_index
+        if self._tables[c].pop(followed.trace_id, None) is None:
+            return
+        forget_at_ns = followed.sent_ns + 2 * self._within_ns[c][-1]
+        self._retired[c][followed.trace_id] = forget_at_ns
+        self._retired_order[c].append((forget_at_ns, followed.trace_id))
+        self._listener.on_retired(followed)
+
+    def _forget_retired(self, now_ns: int) -> None:
+        for retired, order in zip(self._retired, self._retired_order, strict=True):
+            while order and order[0][0] <= now_ns:
+                retired.pop(order.popleft()[1], None)
 
     def _count_duplicate(self, followed: FollowedSignal, hop_index: int) -> None:
         if followed.duplicates is None:
@@ -205,7 +225,8 @@ class Tracker:
             return
         if any(trace_id in table for table in self._tables):
             return
-        self._listener.on_unmatched(chain_index, hop_index, UNKNOWN_TRACE_ID)
+        late = trace_id in self._retired[chain_index]
+        self._listener.on_unmatched(chain_index, hop_index, LATE if late else UNKNOWN_TRACE_ID)
 
 
 async def sweep_deadlines(

@@ -156,7 +156,9 @@ class Vehicle:
         """The vehicle's template fields at sim time ``t``."""
         lat, lon, odometer, energy = self._state_at(t)
         moving = self._leg_start_t <= t < self._leg_end_t
-        speed = self._leg_speed_kmh * (1 + 0.05 * math.sin(t / 7.0)) if moving else 0.0
+        low, high = self.profile.speed_kmh
+        wobble = self._leg_speed_kmh * (1 + 0.05 * math.sin(t / 7.0))
+        speed = min(high, max(low, wobble)) if moving else 0.0
         electric = self.profile.powertrain == "electric"
         return {
             "vin": self.vin,
