@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -26,9 +27,16 @@ def parse_duration(text: str) -> float:
 def _duration_input(value: Any) -> Any:
     if isinstance(value, str):
         return parse_duration(value)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return value  # let the float validator report the type
-    raise ValueError(f"{value} has no unit: write a number and a unit, like {value}s or {value}ms")
+    if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ValueError(
+            f"{str(value).lower()} is not a duration: write a number and a unit (ms, s, m, h),"
+            " like 250ms or 1.5s"
+        )
+    if isinstance(value, int | float):
+        raise ValueError(
+            f"{value} has no unit: write a number and a unit, like {value}s or {value}ms"
+        )
+    return value  # let the float validator report the type
 
 
 Duration = Annotated[

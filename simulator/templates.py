@@ -21,7 +21,15 @@ Fields = Mapping[str, Any]
 
 
 class TemplateError(ValueError):
-    """A template that cannot be compiled; the message says which placeholder and why."""
+    """A template that cannot be compiled; the message says which placeholder and why.
+
+    Attributes:
+        path: where in a JSON template the bad string is (keys and list indexes).
+    """
+
+    def __init__(self, message: str, path: tuple[str | int, ...] = ()) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class TextTemplate:
@@ -65,7 +73,7 @@ class PayloadTemplate:
 
     def __init__(self, template: Any, known: Collection[str] | None = None) -> None:
         self.fields: frozenset[str] = frozenset()
-        self._render = self._compile(template, known, "$")
+        self._render = self._compile(template, known, ())
 
     def render(self, fields: Fields) -> Any:
         """The JSON value with every placeholder filled."""
@@ -76,7 +84,7 @@ class PayloadTemplate:
         return json.dumps(self._render(fields), separators=(",", ":")).encode()
 
     def _compile(
-        self, node: Any, known: Collection[str] | None, where: str
+        self, node: Any, known: Collection[str] | None, where: tuple[str | int, ...]
     ) -> Callable[[Fields], Any]:
         if isinstance(node, str):
             if "{" not in node and "}" not in node:
@@ -84,14 +92,14 @@ class PayloadTemplate:
             try:
                 text = TextTemplate(node, known)
             except TemplateError as exc:
-                raise TemplateError(f"{where}: {exc}") from None
+                raise TemplateError(str(exc), where) from None
             self.fields |= text.fields
             return text.render
         if isinstance(node, Mapping):
-            items = [(str(k), self._compile(v, known, f"{where}.{k}")) for k, v in node.items()]
+            items = [(str(k), self._compile(v, known, (*where, str(k)))) for k, v in node.items()]
             return lambda fields: {k: render(fields) for k, render in items}
         if isinstance(node, list):
-            renders = [self._compile(v, known, f"{where}[{i}]") for i, v in enumerate(node)]
+            renders = [self._compile(v, known, (*where, i)) for i, v in enumerate(node)]
             return lambda fields: [render(fields) for render in renders]
         return lambda _fields: node
 

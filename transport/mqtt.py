@@ -72,8 +72,8 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
     tls = parts.scheme == "mqtts"
     try:
         port = parts.port
-    except ValueError as exc:
-        raise ValueError(str(exc)) from None
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
     return parts.hostname, port or (8883 if tls else 1883), tls
 
 

@@ -21,7 +21,7 @@ from pydantic_core import ErrorDetails
 
 from fleetprobe.scenario.checks import cross_check
 from fleetprobe.scenario.interpolation import interpolate
-from fleetprobe.scenario.models import Scenario
+from fleetprobe.scenario.models import NAME_PATTERN, Scenario
 from fleetprobe.scenario.yaml_tree import YamlTree, read_yaml
 from transport.errors import FleetprobeError
 
@@ -118,11 +118,10 @@ def parse_scenario(
     try:
         scenario = Scenario.model_validate(tree.data)
     except ValidationError as exc:
-        raise ScenarioError(
-            _problem_of(error, tree, filename) for error in exc.errors(include_input=False)
-        ) from None
+        errors = _merge_alternatives(exc.errors(include_input=False))
+        raise ScenarioError(_problem_of(error, tree, filename) for error in errors) from None
     cross_problems = [
-        Problem(filename, *tree.position(path), _breadcrumb(tree, path), message)
+        Problem(filename, *_place(tree, path), _breadcrumb(tree, path), message)
         for path, message in cross_check(scenario, base_dir)
     ]
     if cross_problems:
@@ -144,12 +143,22 @@ def _problem_of(error: ErrorDetails, tree: YamlTree, filename: str) -> Problem:
     if kind == "missing":
         return Problem(
             filename,
-            *tree.position(path[:-1]),
+            *_place(tree, path[:-1]),
             _breadcrumb(tree, path[:-1]),
             f"missing required key '{path[-1]}'",
         )
     context = error.get("ctx") or {}
-    if kind in _BOUNDS:
+    # Errors of ours that know where inside the value they are (a template in a payload).
+    path += tuple(getattr(context.get("error"), "path", ()))
+    if kind == "alternatives":
+        message = f"must be {context['choices']}"
+    elif kind == "string_pattern_mismatch" and context.get("pattern") == NAME_PATTERN:
+        message = (
+            "must start with a letter or digit and hold only letters, digits, '_', '.' and '-'"
+        )
+    elif kind == "too_long":
+        message = f"has too many items (at most {context.get('max_length')})"
+    elif kind in _BOUNDS:
         message = f"must be {_BOUNDS[kind]} {context.get(_BOUND_KEYS[kind])}"
     elif kind == "value_error":
         message = message.removeprefix("Value error, ")
@@ -159,7 +168,51 @@ def _problem_of(error: ErrorDetails, tree: YamlTree, filename: str) -> Problem:
         message = "must be" + message.removeprefix("Input should be")
     elif kind == "too_short":
         message = f"needs at least {context.get('min_length')} item(s)"
-    return Problem(filename, *tree.position(path), _breadcrumb(tree, path), message)
+    return Problem(filename, *_place(tree, path), _breadcrumb(tree, path), message)
+
+
+def _place(tree: YamlTree, path: tuple[Any, ...]) -> tuple[int, int]:
+    """Where to point for ``path``: at the key of a block that starts on the next line (the
+    block itself starts at its first entry), anything else at its value."""
+    value_at = tree.position(path)
+    key_at = tree.key_at.get(path)
+    return key_at if key_at is not None and key_at[0] < value_at[0] else value_at
+
+
+_UNION_MEMBERS = {
+    "str": "a string",
+    "int": "a number",
+    "float": "a number",
+    "bool": "a boolean",
+    "none": "null",
+}
+
+
+def _merge_alternatives(errors: list[ErrorDetails]) -> list[ErrorDetails]:
+    """One error for a value that matched none of a union's members, not one per member."""
+    merged: list[ErrorDetails] = []
+    by_path: dict[tuple[Any, ...], ErrorDetails] = {}
+    for error in errors:
+        loc = tuple(error["loc"])
+        member = str(loc[-1]) if loc else ""
+        if member not in _UNION_MEMBERS or not error["type"].endswith(("_type", "none_required")):
+            merged.append(error)
+            continue
+        parent = loc[:-1]
+        if parent not in by_path:
+            by_path[parent] = ErrorDetails(
+                type="alternatives", loc=parent, msg="", input=None, ctx={"members": []}
+            )
+            merged.append(by_path[parent])
+        members = by_path[parent]["ctx"]["members"]
+        if _UNION_MEMBERS[member] not in members:
+            members.append(_UNION_MEMBERS[member])
+    for error in by_path.values():
+        members = error["ctx"]["members"]
+        error["ctx"]["choices"] = (
+            members[0] if len(members) == 1 else ", ".join(members[:-1]) + " or " + members[-1]
+        )
+    return merged
 
 
 _BOUNDS = {

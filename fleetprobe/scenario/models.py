@@ -25,12 +25,13 @@ from pydantic import (
 from probes.config import Duration, PathText, parse_duration
 from probes.observers import hop_kinds
 from simulator.fleet import SIGNAL_FIELDS, TOPIC_FIELDS
-from simulator.templates import PayloadTemplate, TextTemplate
+from simulator.templates import PayloadTemplate, TemplateError, TextTemplate
 from transport.mqtt import parse_broker_url
 from transport.topics import check_topic_name
 
 PositiveDuration = Annotated[Duration, Field(gt=0)]
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 _JITTER_PERCENT = re.compile(r"(\d+(?:\.\d*)?)%")
 
 
@@ -188,9 +189,12 @@ class HopBase(Strict):
     @field_validator("expect")
     @classmethod
     def _valid_expectations(cls, expect: dict[str, Any]) -> dict[str, Any]:
-        for value in expect.values():
+        for path, value in expect.items():
             if isinstance(value, str):
-                TextTemplate(value, SIGNAL_FIELDS)
+                try:
+                    TextTemplate(value, SIGNAL_FIELDS)
+                except TemplateError as error:
+                    raise TemplateError(str(error), (path,)) from None
         return expect
 
     @model_validator(mode="after")
