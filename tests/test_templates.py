@@ -99,9 +99,10 @@ def test_unknown_placeholder_is_named_with_the_known_ones() -> None:
 
 
 def test_payload_error_says_where() -> None:
-    """A payload template error is prefixed with the JSON location of the bad string."""
-    with pytest.raises(TemplateError, match=r"^\$\.meta\.tags\[1\]: unknown placeholder \{nope\}"):
+    """A payload template error carries the path of the bad string inside the payload."""
+    with pytest.raises(TemplateError, match=r"^unknown placeholder \{nope\}") as caught:
         PayloadTemplate({"meta": {"tags": ["{vin}", "{nope}"]}}, known={"vin"})
+    assert caught.value.path == ("meta", "tags", 1)
 
 
 def test_template_error_is_a_value_error() -> None:
