@@ -3,7 +3,7 @@
 from exporters.metrics import ProbeMetrics
 from exporters.report import build_report, write_json
 from exporters.results import ResultBook
-from exporters.server import make_metrics_app, serve
+from exporters.server import make_metrics_app
 from exporters.summary import render_summary
 from exporters.traces import TraceLog, trace_line
 
@@ -14,7 +14,6 @@ __all__ = [
     "build_report",
     "make_metrics_app",
     "render_summary",
-    "serve",
     "trace_line",
     "write_json",
 ]

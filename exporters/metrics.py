@@ -121,6 +121,18 @@ class ProbeMetrics:
             ["scenario", "chain", "hop", "reason"],
             registry=registry,
         )
+        self.poll_errors = Counter(
+            "fleetprobe_poll_errors",
+            "Polls of an http_poll hop that did not show a trace id, by reason.",
+            ["scenario", "chain", "hop", "reason"],
+            registry=registry,
+        )
+        self.webhook_rejections = Counter(
+            "fleetprobe_webhook_rejected",
+            "Webhook calls refused (bad signature, body too large), by reason.",
+            ["scenario", "chain", "hop", "reason"],
+            registry=registry,
+        )
         self.duplicates = Counter(
             "fleetprobe_duplicates",
             "Signals seen again at a hop where they were already seen.",
@@ -198,8 +210,19 @@ class ProbeMetrics:
 
     def unmatched_message(self, chain_index: int, hop_index: int, reason: str) -> None:
         """A hop saw something it could not match."""
+        self._count(self.unmatched, chain_index, hop_index, reason)
+
+    def poll_error(self, chain_index: int, hop_index: int, reason: str) -> None:
+        """A poll showed no trace id."""
+        self._count(self.poll_errors, chain_index, hop_index, reason)
+
+    def webhook_rejected(self, chain_index: int, hop_index: int, reason: str) -> None:
+        """A webhook call was refused."""
+        self._count(self.webhook_rejections, chain_index, hop_index, reason)
+
+    def _count(self, counter: Counter, chain_index: int, hop_index: int, reason: str) -> None:
         chain = self.chains[chain_index]
-        self.unmatched.labels(self.scenario, chain.name, chain.hops[hop_index].name, reason).inc()
+        counter.labels(self.scenario, chain.name, chain.hops[hop_index].name, reason).inc()
 
 
 def _bind(count: Callable[[int], int], index: int) -> Callable[[], float]:

@@ -38,6 +38,8 @@ def build_report(
                     "step_s": hop.step.summary(),
                     "duplicates": hop.duplicates,
                     "unmatched": dict(hop.unmatched),
+                    "poll_errors": dict(hop.poll_errors),
+                    "webhook_rejected": dict(hop.webhook_rejected),
                 }
                 for spec, hop in zip(chain.spec.hops, chain.hops, strict=True)
             },

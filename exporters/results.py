@@ -19,6 +19,8 @@ class HopBook:
     step: Samples = field(default_factory=Samples)
     duplicates: int = 0
     unmatched: Counter[str] = field(default_factory=Counter)
+    poll_errors: Counter[str] = field(default_factory=Counter)
+    webhook_rejected: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -90,3 +92,11 @@ class ResultBook:
     def unmatched_message(self, chain_index: int, hop_index: int, reason: str) -> None:
         """A hop saw something it could not match."""
         self.chains[chain_index].hops[hop_index].unmatched[reason] += 1
+
+    def poll_error(self, chain_index: int, hop_index: int, reason: str) -> None:
+        """A poll showed no trace id."""
+        self.chains[chain_index].hops[hop_index].poll_errors[reason] += 1
+
+    def webhook_rejected(self, chain_index: int, hop_index: int, reason: str) -> None:
+        """A webhook call was refused."""
+        self.chains[chain_index].hops[hop_index].webhook_rejected[reason] += 1

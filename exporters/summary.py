@@ -58,6 +58,14 @@ def render_summary(book: ResultBook, scenario: str) -> str:
                 extras.append(
                     "unmatched " + ", ".join(f"{k} {v}" for k, v in sorted(hop.unmatched.items()))
                 )
+            for label, counts in (
+                ("poll errors", hop.poll_errors),
+                ("webhook rejected", hop.webhook_rejected),
+            ):
+                if counts:
+                    extras.append(
+                        f"{label} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+                    )
             if extras:
                 lines.append(f"      {'; '.join(extras)}")
     return "\n".join(lines)

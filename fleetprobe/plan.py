@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetprobe.scenario.models import Scenario
+from fleetprobe.scenario.models import HopBase, Scenario
 from probes.chains import ChainSpec, Expectation, HopSpec
 from probes.observers import WatchedHop
 from simulator.fleet import SIGNAL_FIELDS, TOPIC_FIELDS, Area, Cadence, FleetSpec, Profile
@@ -44,22 +44,7 @@ def make_plan(scenario: Scenario, base_dir: Path) -> RunPlan:
                 name=chain.name,
                 signal=chain.signal,
                 sample=chain.sample,
-                hops=tuple(
-                    HopSpec(
-                        hop.name,
-                        hop.within,
-                        tuple(
-                            Expectation(
-                                path,
-                                TextTemplate(value, SIGNAL_FIELDS)
-                                if isinstance(value, str)
-                                else value,
-                            )
-                            for path, value in hop.expect.items()
-                        ),
-                    )
-                    for hop in chain.hops
-                ),
+                hops=tuple(_hop_spec(hop) for hop in chain.hops),
             )
             for chain in scenario.chains
         ),
@@ -107,6 +92,22 @@ def _fleet(scenario: Scenario) -> FleetSpec:
             )
             for p in fleet.profiles
         ),
+    )
+
+
+def _hop_spec(hop: HopBase) -> HopSpec:
+    _, config = hop.kind
+    return HopSpec(
+        name=hop.name,
+        within_s=hop.within,
+        expectations=tuple(
+            Expectation(
+                path, TextTemplate(value, SIGNAL_FIELDS) if isinstance(value, str) else value
+            )
+            for path, value in hop.expect.items()
+        ),
+        latest=config.latest_only,
+        uses_fields=bool(config.template_fields()),
     )
 
 

@@ -22,7 +22,7 @@ from exporters.junit import write_junit
 from exporters.metrics import ProbeMetrics
 from exporters.report import build_report, write_json
 from exporters.results import ResultBook
-from exporters.server import ListenError, make_metrics_app, serve
+from exporters.server import make_metrics_app
 from exporters.summary import render_summary
 from exporters.traces import TraceLog
 from fleetprobe.emitter import Emitter
@@ -37,6 +37,7 @@ from simulator.clock import FleetClock
 from simulator.fleet import build_fleet
 from simulator.publisher import MqttPublisher, iso_utc
 from transport.errors import ConnectError, TransportError
+from transport.servers import ListenError, serve, split_listen
 
 log = logging.getLogger("fleetprobe")
 
@@ -88,6 +89,14 @@ class _Listener:
         self.metrics.unmatched_message(chain_index, hop_index, reason)
         self.book.unmatched_message(chain_index, hop_index, reason)
 
+    def poll_error(self, chain_index: int, hop_index: int, reason: str) -> None:
+        self.metrics.poll_error(chain_index, hop_index, reason)
+        self.book.poll_error(chain_index, hop_index, reason)
+
+    def webhook_rejected(self, chain_index: int, hop_index: int, reason: str) -> None:
+        self.metrics.webhook_rejected(chain_index, hop_index, reason)
+        self.book.webhook_rejected(chain_index, hop_index, reason)
+
 
 async def run_scenario(loaded: LoadedScenario, options: RunOptions | None = None) -> RunResult:
     """Run a validated scenario to its end (or an interruption) and write its reports."""
@@ -109,7 +118,8 @@ async def run_scenario(loaded: LoadedScenario, options: RunOptions | None = None
             if exporters.traces
             else None
         )
-        tracker = Tracker(plan.chains, _Listener(metrics, book, traces))
+        listener = _Listener(metrics, book, traces)
+        tracker = Tracker(plan.chains, listener)
         metrics.track_inflight(tracker.inflight)
         try:
             async with AsyncExitStack() as stack:
@@ -117,15 +127,18 @@ async def run_scenario(loaded: LoadedScenario, options: RunOptions | None = None
                     exporters.prometheus.listen if exporters.prometheus else None
                 )
                 if listen:
-                    host, _, port = listen.rpartition(":")
+                    host, port = split_listen(listen)
                     runner, result.metrics_port = await serve(
-                        make_metrics_app(registry), host, int(port)
+                        make_metrics_app(registry), host, port
                     )
                     stack.push_async_callback(runner.cleanup)
                     log.info("serving /metrics on http://%s:%d/metrics", host, result.metrics_port)
                 if options.handle_signals:
                     stack.enter_context(interruption.installed())
-                observers = await _start_observers(plan, tracker, stack)
+                context = ObserverContext(
+                    tracker, plan.broker, listener, split_listen(exporters.webhook_receiver.listen)
+                )
+                observers = await _start_observers(plan, context, stack)
                 vehicles = build_fleet(plan.fleet, options.shard)
                 publisher = MqttPublisher(
                     plan.broker,
@@ -201,9 +214,8 @@ async def run_scenario(loaded: LoadedScenario, options: RunOptions | None = None
 
 
 async def _start_observers(
-    plan: RunPlan, tracker: Tracker, stack: AsyncExitStack
+    plan: RunPlan, context: ObserverContext, stack: AsyncExitStack
 ) -> list[Observer]:
-    context = ObserverContext(tracker=tracker, broker=plan.broker)
     observers = []
     for kind, hops in plan.hops_by_kind.items():
         observer = hop_kinds()[kind](hops, context)

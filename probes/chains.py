@@ -65,11 +65,18 @@ class Expectation:
 
 @dataclass(frozen=True)
 class HopSpec:
-    """One hop of a chain: its name, its deadline from the send, its expectations."""
+    """One hop of a chain: its name, its deadline from the send, its expectations.
+
+    ``latest``: the hop shows only a vehicle's latest signal (a state API), so seeing a
+    signal supersedes the vehicle's older signals still pending there. ``uses_fields``:
+    the hop's observer needs the signal's fields (a URL template).
+    """
 
     name: str
     within_s: float
     expectations: tuple[Expectation, ...] = ()
+    latest: bool = False
+    uses_fields: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,7 @@ class ChainSpec:
     @property
     def needs_fields(self) -> bool:
         """Whether judging this chain needs the signal's field values."""
-        return any(hop.expectations for hop in self.hops)
+        return any(hop.expectations or hop.uses_fields for hop in self.hops)
 
 
 class FollowedSignal:

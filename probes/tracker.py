@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from probes.chains import FAILURES, ChainSpec, FollowedSignal, HopResult, Verdict
@@ -48,6 +48,10 @@ class Tracker:
         self._within_ns = [[round(h.within_s * 1e9) for h in c.hops] for c in self.chains]
         self._queues: list[list[deque[FollowedSignal]]] = [
             [deque() for _ in c.hops] for c in self.chains
+        ]
+        # Per latest-only hop, each vehicle's signals waiting there, oldest first.
+        self._waiting_by_vin: list[list[dict[str, deque[FollowedSignal]] | None]] = [
+            [{} if h.latest else None for h in c.hops] for c in self.chains
         ]
         # Retired ids stay known for one more chain deadline, so that a sighting that comes
         # after the verdict is counted as late, not as an id nobody follows.
@@ -93,6 +97,12 @@ class Tracker:
         self._tables[chain_index][trace_id] = followed
         for queue in self._queues[chain_index]:
             queue.append(followed)
+        for hop_index, by_vin in enumerate(self._waiting_by_vin[chain_index]):
+            if by_vin is not None:
+                waiting = by_vin.setdefault(vin, deque())
+                while waiting and waiting[0].results[hop_index] is not None:
+                    waiting.popleft()  # judged meanwhile: keeps the lists short
+                waiting.append(followed)
 
     def forget(self, chain_index: int, trace_id: str) -> None:
         """Stop following a signal whose send failed: it gets no verdict."""
@@ -123,6 +133,15 @@ class Tracker:
         followed.seen_ns[hop_index] = seen_ns
         followed.results[hop_index] = self._judge(followed, hop_index, body)
         self._complete_if_judged(followed)
+        by_vin = self._waiting_by_vin[chain_index][hop_index]
+        if by_vin is not None:
+            self._supersede_older(by_vin.get(followed.vin), followed, hop_index)
+
+    def pending(self, chain_index: int, hop_index: int) -> Iterator[FollowedSignal]:
+        """The followed signals still waiting to be seen at a hop, oldest first."""
+        for followed in self._queues[chain_index][hop_index]:
+            if followed.results[hop_index] is None and followed.verdict is not Verdict.ABORTED:
+                yield followed
 
     def unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
         """A hop saw something it could not read a trace id from."""
@@ -187,6 +206,17 @@ class Tracker:
                     followed.add_detail(hop_index, mismatch)
                     return HopResult.INVALID
         return HopResult.OK
+
+    def _supersede_older(
+        self, waiting: deque[FollowedSignal] | None, seen: FollowedSignal, hop_index: int
+    ) -> None:
+        """Signals of the same vehicle sent before ``seen`` will never show at a latest-only
+        hop: they are superseded, which is not a failure."""
+        while waiting and waiting[0].sent_ns <= seen.sent_ns:
+            older = waiting.popleft()
+            if older is not seen and older.results[hop_index] is None:
+                older.results[hop_index] = HopResult.SUPERSEDED
+                self._complete_if_judged(older)
 
     def _complete_if_judged(self, followed: FollowedSignal) -> None:
         if followed.verdict is not None or None in followed.results:

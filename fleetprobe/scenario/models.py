@@ -275,10 +275,17 @@ class PrometheusExporterConfig(Strict):
     listen: Listen = "127.0.0.1:9464"
 
 
+class WebhookReceiverConfig(Strict):
+    """Where webhook hops are served (each at its path)."""
+
+    listen: Listen = "127.0.0.1:9465"
+
+
 class ExportersConfig(Strict):
     """Where results go. Output paths are relative to the working directory."""
 
     prometheus: PrometheusExporterConfig | None = None
+    webhook_receiver: WebhookReceiverConfig = Field(default_factory=WebhookReceiverConfig)
     json_path: str | None = Field(None, alias="json")
     junit: str | None = None
     traces: str | None = None

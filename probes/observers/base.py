@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
 
@@ -21,6 +21,25 @@ from transport.mqtt import BrokerTarget
 
 class HopConfig(BaseModel, extra="forbid", frozen=True):
     """Base of the per-kind hop settings (the mapping under the kind's key)."""
+
+    def template_fields(self) -> frozenset[str]:
+        """The signal fields this hop's templates use (a URL per signal needs them)."""
+        return frozenset()
+
+    @property
+    def latest_only(self) -> bool:
+        """Whether the hop shows only each vehicle's latest signal (a state API)."""
+        return False
+
+
+class ObserverStats(Protocol):
+    """Counts of what observers met besides marks (they become metrics and report keys)."""
+
+    def poll_error(self, chain_index: int, hop_index: int, reason: str) -> None:
+        """A poll got no usable answer (404, 503, timeout, a body without the id, ...)."""
+
+    def webhook_rejected(self, chain_index: int, hop_index: int, reason: str) -> None:
+        """A webhook call was refused (bad signature, body too large, ...)."""
 
 
 @dataclass(frozen=True)
@@ -36,10 +55,12 @@ class WatchedHop:
 
 @dataclass(frozen=True)
 class ObserverContext:
-    """What observers may use: the tracker, and where the platform is."""
+    """What observers may use: the tracker, where the platform is, where to listen."""
 
     tracker: Tracker
     broker: BrokerTarget
+    stats: ObserverStats
+    webhook_listen: tuple[str, int] = ("127.0.0.1", 9465)
 
 
 class Observer(ABC):

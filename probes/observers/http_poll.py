@@ -1,0 +1,167 @@
+"""The ``http_poll`` hop: a REST resource (a state API) shows the signal's trace id.
+
+For every hop, the observer polls each URL that a pending signal needs once per ``every``
+(coalescing: one request per URL per interval, however many signals wait on it), and
+reports a sighting when the trace id a URL shows changes. 404, 503, other errors and
+bodies without the id are "not seen yet" and counted by reason, never a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from probes.config import Duration, PathText, compile_path
+from probes.observers.base import HopConfig, Observer, ObserverContext, WatchedHop
+from probes.trace_ids import Unmatched, from_body, from_pairs, parse_json
+from simulator.fleet import SIGNAL_FIELDS
+from simulator.templates import TextTemplate
+from transport.http import HttpClient, HttpError
+
+DEFAULT_TRACE_ID_PATH = "$.trace_id"
+
+
+class HttpPollHop(HopConfig):
+    """``http_poll: {url: TEMPLATE, every: 200ms, trace_id: $.path | header: NAME, ...}``."""
+
+    url: str
+    every: Duration = Field(1.0, gt=0)
+    trace_id: PathText | None = None
+    header: str | None = None
+    timeout: Duration = Field(2.0, gt=0)
+    concurrency: int = Field(16, ge=1, le=1000)
+    headers: dict[str, str] = Field(default_factory=dict)
+    latest: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url_template(cls, url: str) -> str:
+        TextTemplate(url, SIGNAL_FIELDS)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if "{" in parts.scheme + parts.netloc:
+            # A signal's values must never choose where requests go.
+            raise ValueError("placeholders may stand in the path and query only, not the host")
+        return url
+
+    @model_validator(mode="after")
+    def _one_trace_id_source(self) -> HttpPollHop:
+        if self.trace_id is not None and self.header is not None:
+            raise ValueError("give the trace id by one of trace_id or header, not both")
+        return self
+
+    def template_fields(self) -> frozenset[str]:
+        return TextTemplate(self.url, SIGNAL_FIELDS).fields
+
+    @property
+    def latest_only(self) -> bool:
+        return self.latest
+
+
+class _PolledHop:
+    """One hop's polling state: its URL template and what each URL showed last."""
+
+    def __init__(self, hop: WatchedHop) -> None:
+        config: HttpPollHop = hop.config
+        self.watched = hop
+        self.config = config
+        self.url = TextTemplate(config.url, SIGNAL_FIELDS)
+        self.path = (
+            None if config.header else compile_path(config.trace_id or DEFAULT_TRACE_ID_PATH)
+        )
+        self.last_shown: dict[str, str] = {}  # url -> trace id it showed last
+        self.in_flight: set[str] = set()
+
+
+class HttpPollObserver(Observer, kind="http_poll", config=HttpPollHop):
+    """Polls every http_poll hop's URLs while signals are pending there."""
+
+    def __init__(self, hops: list[WatchedHop], context: ObserverContext) -> None:
+        super().__init__(hops, context)
+        self._polled = [_PolledHop(hop) for hop in self.hops]
+        self._clients = [
+            HttpClient(concurrency=p.config.concurrency, timeout_s=p.config.timeout)
+            for p in self._polled
+        ]
+        self._entered: list[HttpClient] = []
+
+    async def start(self) -> None:
+        for client in self._clients:
+            await client.__aenter__()
+            self._entered.append(client)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for polled, client in zip(self._polled, self._clients, strict=True):
+                group.create_task(self._poll_forever(polled, client))
+
+    async def close(self) -> None:
+        while self._entered:
+            await self._entered.pop().__aexit__(None, None, None)
+
+    async def _poll_forever(self, polled: _PolledHop, client: HttpClient) -> None:
+        hop = polled.watched
+        interval_ns = round(polled.config.every * 1e9)
+        pending_tasks: set[asyncio.Task[None]] = set()
+        next_ns = time.monotonic_ns()
+        while True:
+            urls = {
+                polled.url.render_text(signal.fields or {})
+                for signal in self.context.tracker.pending(hop.chain_index, hop.hop_index)
+            }
+            for url in urls - polled.in_flight:  # a slow URL is not asked twice at once
+                polled.in_flight.add(url)
+                task = asyncio.create_task(self._poll(polled, client, url))
+                pending_tasks.add(task)
+                task.add_done_callback(pending_tasks.discard)
+            for url in list(polled.last_shown):
+                if url not in urls:
+                    del polled.last_shown[url]  # nobody waits on it: forget its state
+            next_ns += interval_ns
+            delay_ns = next_ns - time.monotonic_ns()
+            if delay_ns < 0:  # fell behind (a stalled loop): do not burst to catch up
+                next_ns, delay_ns = time.monotonic_ns(), 0
+            await asyncio.sleep(delay_ns / 1e9)
+
+    async def _poll(self, polled: _PolledHop, client: HttpClient, url: str) -> None:
+        hop = polled.watched
+        stats = self.context.stats
+        asked_ns = time.monotonic_ns()
+        try:
+            response = await client.request("GET", url, headers=polled.config.headers or None)
+        except HttpError as error:
+            stats.poll_error(hop.chain_index, hop.hop_index, error.reason)
+            return
+        finally:
+            polled.in_flight.discard(url)
+        if response.status != 200:
+            stats.poll_error(hop.chain_index, hop.hop_index, _status_reason(response.status))
+            return
+        body: Any = parse_json(response.body)
+        try:
+            if polled.path is not None:
+                trace_id = from_body(body, polled.path)
+            else:
+                trace_id = from_pairs(list(response.headers.items()), polled.config.header or "")
+        except Unmatched as unmatched:
+            stats.poll_error(hop.chain_index, hop.hop_index, unmatched.reason)
+            return
+        if polled.last_shown.get(url) == trace_id:
+            return  # the same state again: not a new sighting, not a duplicate
+        polled.last_shown[url] = trace_id
+        # Waiting for a free connection slot is the prober's delay, not the platform's.
+        seen_ns = response.received_ns - (response.sent_ns - asked_ns)
+        self.context.tracker.observe(hop.chain_index, hop.hop_index, trace_id, seen_ns, body)
+
+
+def _status_reason(status: int) -> str:
+    if status == 404:
+        return "not_found"
+    if status == 503:
+        return "unavailable"
+    return f"http_{status // 100}xx"

@@ -1,0 +1,143 @@
+"""The ``webhook`` hop: the platform calls fleetprobe back with the signal's trace id.
+
+One aiohttp server (``exporters.webhook_receiver.listen``, 127.0.0.1 by default) takes a
+POST route per hop path. It answers at once (204) and only reports marks to the tracker,
+which never blocks. With a ``secret``, the body must carry a GitHub-style signature
+(``sha256=<hex HMAC-SHA256 of the raw body>``); a missing or bad one gets 401, is counted,
+and is never matched. Bodies over ``max_body`` get 413.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from collections import defaultdict
+from typing import Any
+
+from aiohttp import web
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from probes.config import PathText, compile_path
+from probes.observers.base import HopConfig, Observer, ObserverContext, WatchedHop
+from probes.trace_ids import Unmatched, from_body, from_pairs, parse_json
+from transport.servers import serve
+
+DEFAULT_TRACE_ID_PATH = "$.trace_id"
+SIGNATURE_PREFIX = "sha256="
+
+
+class WebhookHop(HopConfig):
+    """``webhook: {path: /hooks/x, trace_id: $.path | header: NAME, secret: ${ENV}}``."""
+
+    path: str
+    trace_id: PathText | None = None
+    header: str | None = None
+    secret: SecretStr | None = None
+    signature_header: str = "X-Hub-Signature-256"
+    max_body: int = Field(1 << 20, ge=1, le=64 << 20)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, path: str) -> str:
+        if not path.startswith("/") or "{" in path or "?" in path:
+            raise ValueError("must be an absolute path like /hooks/telemetry (no placeholders)")
+        return path
+
+    @model_validator(mode="after")
+    def _one_trace_id_source(self) -> WebhookHop:
+        if self.trace_id is not None and self.header is not None:
+            raise ValueError("give the trace id by one of trace_id or header, not both")
+        return self
+
+
+class _Route:
+    __slots__ = ("chain_index", "config", "hop_index", "path")
+
+    def __init__(self, hop: WatchedHop) -> None:
+        self.config: WebhookHop = hop.config
+        self.chain_index, self.hop_index = hop.chain_index, hop.hop_index
+        self.path = (
+            None
+            if self.config.header
+            else compile_path(self.config.trace_id or DEFAULT_TRACE_ID_PATH)
+        )
+
+
+class WebhookObserver(Observer, kind="webhook", config=WebhookHop):
+    """Serves every webhook hop's path and marks what the platform posts."""
+
+    def __init__(self, hops: list[WatchedHop], context: ObserverContext) -> None:
+        super().__init__(hops, context)
+        self._routes: dict[str, list[_Route]] = defaultdict(list)
+        for hop in self.hops:
+            self._routes[hop.config.path].append(_Route(hop))
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        max_body = max(
+            route.config.max_body for routes in self._routes.values() for route in routes
+        )
+        app = web.Application(client_max_size=max_body)
+        for path in self._routes:
+            app.router.add_post(path, self._receive)
+        host, port = self.context.webhook_listen
+        self._runner, self.port = await serve(app, host, port)
+
+    async def run(self) -> None:
+        # The server runs on its own; this task only keeps the observer alive until cancelled.
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        seen_ns = time.monotonic_ns()
+        routes = self._routes[request.path]
+        stats = self.context.stats
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            for route in routes:
+                stats.webhook_rejected(route.chain_index, route.hop_index, "too_large")
+            raise
+        body: Any = parse_json(raw)
+        accepted = False
+        for route in routes:
+            refusal = _signature_refusal(route.config, request, raw)
+            if refusal is not None:
+                stats.webhook_rejected(route.chain_index, route.hop_index, refusal)
+                continue
+            accepted = True
+            try:
+                if route.path is not None:
+                    trace_id = from_body(body, route.path)
+                else:
+                    trace_id = from_pairs(list(request.headers.items()), route.config.header or "")
+            except Unmatched as unmatched:
+                self.context.tracker.unmatched(route.chain_index, route.hop_index, unmatched.reason)
+                continue
+            self.context.tracker.observe(
+                route.chain_index, route.hop_index, trace_id, seen_ns, body
+            )
+        if not accepted:
+            raise web.HTTPUnauthorized(text="bad or missing signature\n")
+        return web.Response(status=204)
+
+
+def _signature_refusal(config: WebhookHop, request: web.Request, raw: bytes) -> str | None:
+    """None when the call is signed right (or no secret is set), else the reason."""
+    if config.secret is None:
+        return None
+    given = request.headers.get(config.signature_header)
+    if not given:
+        return "missing_signature"
+    key = config.secret.get_secret_value().encode()
+    expected = SIGNATURE_PREFIX + hmac.new(key, raw, hashlib.sha256).hexdigest()
+    return (
+        None if hmac.compare_digest(given.strip().encode(), expected.encode()) else "bad_signature"
+    )
