@@ -1,0 +1,300 @@
+"""Send hop health changes as alerts, in Prometheus Alertmanager's webhook format.
+
+A hop that goes down is a ``firing`` alert; the next change of the same hop (up) resolves
+it, with the same ``startsAt`` and the same fingerprint, so a receiver that understands
+Alertmanager webhooks (version 4) pairs them as it would pair Alertmanager's own.
+
+:meth:`AlertSender.notify` never blocks the probe: it queues, and drops (and counts) when
+the queue is full. :meth:`AlertSender.run` delivers in the background, retrying connection
+errors and 5xx answers a few times with backoff before it counts a failure and moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, Counter
+
+from exporters.health import HealthChange
+from simulator.publisher import iso_utc
+from transport.http import HttpClient, HttpError
+
+log = logging.getLogger("fleetprobe.alerts")
+
+ALERT_NAME = "FleetprobeHopDown"
+RECEIVER = "fleetprobe"
+WEBHOOK_VERSION = "4"
+# Alertmanager's endsAt for an alert that has not ended (Go's zero time.Time).
+NOT_ENDED = "0001-01-01T00:00:00Z"
+# The labels that tell alerts apart; grouping by all of them makes each notification carry
+# exactly one alert, so a receiver never reads one hop's "resolved" as another hop's.
+GROUP_BY = ("alertname", "scenario", "chain", "hop")
+RESULTS = ("ok", "failed", "dropped")
+
+_FNV64_OFFSET = 0xCBF29CE484222325
+_FNV64_PRIME = 0x100000001B3
+_SEPARATOR = b"\xff"  # cannot occur in UTF-8, as in Prometheus' label signatures
+
+
+@dataclass(frozen=True, slots=True)
+class _Notification:
+    """One queued webhook body, with what the log needs to name it."""
+
+    body: bytes
+    status: str
+    chain: str
+    hop: str
+
+
+class AlertSender:
+    """Posts health changes to webhook receivers (Alertmanager webhook payload, version 4).
+
+    Args:
+        urls: every change goes to each of them.
+        client: the shared HTTP client (it owns the connections).
+        scenario: the scenario name, a label of every alert.
+        queue_limit: changes waiting to be sent at most; more are dropped and counted.
+        attempts: tries per receiver for connection errors and 5xx answers.
+        backoff_s: the wait before the second try; it doubles for each further try.
+        timeout_s: the time one request may take.
+        registry: if given, ``fleetprobe_alerts_sent_total{scenario,result}`` lives there.
+
+    Attributes:
+        sent: deliveries a receiver accepted (one per change and URL).
+        failed: deliveries given up (retries spent, a 4xx answer, or a crash).
+        dropped: changes not queued because the queue was full.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        client: HttpClient,
+        *,
+        scenario: str,
+        queue_limit: int = 1000,
+        attempts: int = 3,
+        backoff_s: float = 0.5,
+        timeout_s: float = 5.0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {attempts}")
+        self.urls = tuple(urls)
+        self.scenario = scenario
+        self.sent = 0
+        self.failed = 0
+        self.dropped = 0
+        self._client = client
+        self._attempts = attempts
+        self._backoff_s = backoff_s
+        self._timeout_s = timeout_s
+        self._queue: asyncio.Queue[_Notification] = asyncio.Queue(maxsize=queue_limit)
+        # startsAt of each hop's firing alert, kept until it is resolved: bounded by the
+        # number of hops. Kept at notify time, so a resolve still matches its firing alert
+        # when the firing one was dropped from a full queue.
+        self._firing_since: dict[tuple[str, str], str] = {}
+        self._counters: dict[str, Counter] | None = None
+        if registry is not None:
+            counter = Counter(
+                "fleetprobe_alerts_sent",
+                "Alert notifications per receiver, by result (ok, failed, dropped).",
+                ["scenario", "result"],
+                registry=registry,
+            )
+            self._counters = {r: counter.labels(scenario, r) for r in RESULTS}
+
+    @property
+    def pending(self) -> int:
+        """Notifications waiting in the queue."""
+        return self._queue.qsize()
+
+    def notify(self, change: HealthChange) -> None:
+        """Queue an alert for ``change``; never blocks. Over the queue limit: drop, count."""
+        notification = self._notification(change)
+        try:
+            self._queue.put_nowait(notification)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            self._count("dropped")
+            if self.dropped == 1:  # once: a flood of drops must not flood the log too
+                log.warning(
+                    "alert queue full (%d): dropped the %s alert of hop %s > %s; "
+                    "further drops are only counted",
+                    self._queue.maxsize,
+                    notification.status,
+                    notification.chain,
+                    notification.hop,
+                )
+
+    async def run(self) -> None:
+        """Deliver queued alerts until cancelled; a failed delivery is counted, not raised."""
+        while True:
+            notification = await self._queue.get()
+            try:
+                for index, url in enumerate(self.urls):
+                    try:
+                        await self._deliver(index, url, notification)
+                    except Exception:
+                        # A bug here must cost one alert, not every later one: the loop
+                        # goes on. CancelledError is no Exception and still ends it.
+                        self.failed += 1
+                        self._count("failed")
+                        log.exception("alert receiver %d: delivery crashed", index + 1)
+            finally:
+                self._queue.task_done()
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued alert was handled (sent or failed), or ``timeout_s``.
+
+        Returns:
+            True when the queue was drained in time.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._queue.join()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _deliver(self, index: int, url: str, notification: _Notification) -> None:
+        where = f"alert receiver {index + 1} ({_redacted(url)})"
+        problem = ""
+        for attempt in range(self._attempts):
+            if attempt:
+                await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
+            try:
+                response = await self._client.request(
+                    "POST",
+                    url,
+                    headers={"Content-Type": "application/json"},
+                    body=notification.body,
+                    timeout_s=self._timeout_s,
+                )
+            except HttpError as error:
+                # Logged by reason only: the message holds the URL, which may hold a token.
+                problem = error.reason
+                continue
+            if 200 <= response.status < 300:
+                self.sent += 1
+                self._count("ok")
+                return
+            problem = f"HTTP {response.status}"
+            if response.status < 500:
+                break  # the receiver refused the alert; the same body would be refused again
+        self.failed += 1
+        self._count("failed")
+        log.warning(
+            "%s: could not deliver the %s alert of hop %s > %s (%s)",
+            where,
+            notification.status,
+            notification.chain,
+            notification.hop,
+            problem,
+        )
+
+    def _notification(self, change: HealthChange) -> _Notification:
+        key = (change.chain, change.hop)
+        at = iso_utc(change.at_wall_ns)
+        if change.up:
+            status = "resolved"
+            starts_at = self._firing_since.pop(key, at)
+            ends_at = at
+        else:
+            status = "firing"
+            starts_at = self._firing_since.setdefault(key, at)
+            ends_at = NOT_ENDED
+        payload = webhook_payload(
+            change, status=status, scenario=self.scenario, starts_at=starts_at, ends_at=ends_at
+        )
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        return _Notification(body, status, change.chain, change.hop)
+
+    def _count(self, result: str) -> None:
+        if self._counters is not None:
+            self._counters[result].inc()
+
+
+def webhook_payload(
+    change: HealthChange, *, status: str, scenario: str, starts_at: str, ends_at: str
+) -> dict[str, Any]:
+    """The Alertmanager webhook body (version 4) with the one alert of ``change``.
+
+    Args:
+        change: the health change.
+        status: ``firing`` or ``resolved``.
+        scenario: the scenario name (a label).
+        starts_at: when the alert began firing (ISO-8601).
+        ends_at: when it was resolved, or :data:`NOT_ENDED`.
+    """
+    labels = {
+        "alertname": ALERT_NAME,
+        "severity": "critical",
+        "scenario": scenario,
+        "chain": change.chain,
+        "hop": change.hop,
+    }
+    state = "down" if status == "firing" else "up again"
+    annotations = {
+        "summary": f"fleetprobe: hop {change.chain} > {change.hop} is {state}",
+        "description": (
+            f"{change.success_ratio:.1%} of {change.samples} signals ok at hop {change.hop} "
+            f"of chain {change.chain} over the last {change.window_s:g}s "
+            f"(objective {change.objective:.1%}); "
+            f"first failing hop: {change.first_failing_hop or 'none'}"
+        ),
+    }
+    group_labels = {name: labels[name] for name in GROUP_BY}
+    return {
+        "version": WEBHOOK_VERSION,
+        "groupKey": f"{{}}:{_label_set(group_labels)}",
+        "truncatedAlerts": 0,
+        "status": status,
+        "receiver": RECEIVER,
+        "groupLabels": group_labels,
+        "commonLabels": dict(labels),
+        "commonAnnotations": dict(annotations),
+        "externalURL": "",
+        "alerts": [
+            {
+                "status": status,
+                "labels": labels,
+                "annotations": annotations,
+                "startsAt": starts_at,
+                "endsAt": ends_at,
+                "generatorURL": "",
+                "fingerprint": fingerprint(labels),
+            }
+        ],
+    }
+
+
+def fingerprint(labels: Mapping[str, str]) -> str:
+    """The alert's fingerprint as Alertmanager computes it: FNV-1a 64 over the sorted labels
+    (name, 0xff, value, 0xff each), as 16 hex digits. Stable across runs and processes."""
+    digest = _FNV64_OFFSET
+    for name in sorted(labels):
+        for chunk in (name.encode(), _SEPARATOR, labels[name].encode(), _SEPARATOR):
+            for byte in chunk:
+                digest = ((digest ^ byte) * _FNV64_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return f"{digest:016x}"
+
+
+def _label_set(labels: Mapping[str, str]) -> str:
+    """``{a="1", b="2"}``, sorted, values quoted: how Alertmanager writes a group key."""
+    pairs = ", ".join(
+        f"{name}={json.dumps(labels[name], ensure_ascii=False)}" for name in sorted(labels)
+    )
+    return f"{{{pairs}}}"
+
+
+def _redacted(url: str) -> str:
+    """The scheme and host of ``url``: webhook paths and queries often carry secrets."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2] or "?"  # never the user:password part
+    return f"{parts.scheme}://{host}/..."
