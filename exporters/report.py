@@ -19,6 +19,7 @@ def build_report(
     exit_code: int,
     interrupted: bool = False,
     objectives: list[dict[str, Any]] | None = None,
+    health: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict."""
     zero_results = {r.value: 0 for r in HopResult} | {SKIPPED: 0}
@@ -61,6 +62,7 @@ def build_report(
         "emission_lag_s": book.emission_lag.summary(),
         "chains": chains,
         "objectives": objectives or [],
+        "health": health or [],
     }
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -291,6 +293,21 @@ class ExportersConfig(Strict):
     traces: str | None = None
 
 
+class HealthConfig(Strict):
+    """When a hop counts as up while the run goes on (``fleetprobe_hop_up``)."""
+
+    window: PositiveDuration = 30.0
+    min_success_ratio: float = Field(0.95, ge=0, le=1)
+    min_samples: int = Field(1, ge=1)
+
+
+def _alert_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return url
+
+
 class Scenario(Strict):
     """A whole scenario file."""
 
@@ -305,4 +322,6 @@ class Scenario(Strict):
     signals: dict[str, SignalConfig] = Field(min_length=1)
     chains: list[ChainConfig] = Field(default_factory=list)
     slo: list[ObjectiveConfig] = Field(default_factory=list)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    alerts: list[Annotated[str, AfterValidator(_alert_url)]] = Field(default_factory=list)
     exporters: ExportersConfig = ExportersConfig()

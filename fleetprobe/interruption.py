@@ -1,0 +1,54 @@
+"""SIGINT and SIGTERM during a run: the first stops emission and shortens the drain, the
+second ends the drain at once. The reports are written either way."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger("fleetprobe")
+
+INTERRUPT_DRAIN_S = 2.0
+
+
+class Interruption:
+    """Signal handling for one run (install with :meth:`installed`)."""
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self.on_first: Callable[[], None] | None = None
+        self.again: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether a signal came."""
+        return self.signal_number is not None
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle SIGINT and SIGTERM on the running loop while inside."""
+        loop = asyncio.get_running_loop()
+        numbers = (signal.SIGINT, signal.SIGTERM)
+        for number in numbers:
+            loop.add_signal_handler(number, self._received, number)
+        try:
+            yield
+        finally:
+            for number in numbers:
+                loop.remove_signal_handler(number)
+
+    def _received(self, number: int) -> None:
+        if self.signal_number is None:
+            self.signal_number = number
+            log.warning(
+                "%s: stopping emission, draining for at most %gs (again to stop now)",
+                signal.Signals(number).name,
+                INTERRUPT_DRAIN_S,
+            )
+            if self.on_first is not None:
+                self.on_first()
+        elif not self.again.done():
+            self.again.set_result(None)
