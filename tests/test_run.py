@@ -13,7 +13,8 @@ from typing import Any
 from conftest import scenario_dict, write_scenario
 from fleetprobe.run import RunOptions, RunResult, run_scenario
 from fleetprobe.scenario import load_scenario
-from testbed.gateway import Gateway, GatewayKnobs
+from testbed.gateway import Gateway
+from testbed.knobs import StageKnobs
 from transport.mqtt import BrokerTarget, MqttSession
 
 
@@ -60,7 +61,7 @@ async def gateway(broker: BrokerTarget, prefix: str, **knobs: float) -> AsyncIte
     """The testbed gateway from ``prefix/vehicles/+/telemetry`` to ``prefix/events/{vin}``."""
     gw = Gateway(
         broker,
-        GatewayKnobs(**knobs),
+        StageKnobs(**knobs),
         input_filter=f"{prefix}/vehicles/+/telemetry",
         output_topic=f"{prefix}/events/{{vin}}",
         seed=1,
