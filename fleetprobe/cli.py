@@ -14,6 +14,7 @@ from fleetprobe.exit_codes import ExitCode
 from fleetprobe.scenario import ScenarioError, load_scenario
 from fleetprobe.scenario.models import Scenario
 from probes.config import parse_duration
+from testbed import cli as testbed_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,19 +79,16 @@ def _schema(_args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _testbed(args: argparse.Namespace) -> int:
-    from testbed.cli import run_testbed
-
-    return run_testbed(args.mqtt, delay_s=args.delay, jitter_s=args.jitter, drop_ratio=args.drop)
-
-
 def _demo(args: argparse.Namespace) -> int:
     from testbed.demo import run_demo
+    from testbed.knobs import StageKnobs
 
-    return run_demo(
-        duration_s=args.duration,
-        metrics_listen=args.metrics_listen,
-        gateway_delay_s=args.gateway_delay,
+    knobs = {
+        "gateway": StageKnobs(delay_s=args.gateway_delay),
+        "processor": StageKnobs(drop_ratio=args.processor_drop),
+    }
+    return asyncio.run(
+        run_demo(duration_s=args.duration, metrics_listen=args.metrics_listen, knobs=knobs)
     )
 
 
@@ -157,16 +155,11 @@ def _parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the JSON Schema of the scenario format")
     schema.set_defaults(command=_schema)
 
-    testbed = commands.add_parser("testbed", help="run the reference platform against a broker")
-    testbed.add_argument(
-        "--mqtt", required=True, metavar="URL", help="the broker, mqtt://host:port"
+    testbed = commands.add_parser(
+        "testbed", help="run the reference platform (gateway, processor, state API, webhooks)"
     )
-    testbed.add_argument("--delay", type=_duration, default=0.0, help="gateway delay (e.g. 100ms)")
-    testbed.add_argument("--jitter", type=_duration, default=0.0, help="gateway delay jitter (±)")
-    testbed.add_argument(
-        "--drop", type=_ratio, default=0.0, help="share of messages the gateway drops"
-    )
-    testbed.set_defaults(command=_testbed)
+    testbed_cli.add_arguments(testbed)
+    testbed.set_defaults(command=testbed_cli.run)
 
     demo = commands.add_parser(
         "demo", help="run the demo: a broker, the testbed and the demo scenario"
@@ -185,6 +178,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_duration,
         default=0.0,
         help="make the testbed's gateway slow (e.g. 100ms)",
+    )
+    demo.add_argument(
+        "--processor-drop",
+        type=_ratio,
+        default=0.0,
+        help="share of events the testbed's processor drops (e.g. 0.2)",
     )
     demo.set_defaults(command=_demo)
     return parser

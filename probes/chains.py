@@ -110,6 +110,7 @@ class FollowedSignal:
         "duplicates",
         "failed_hop",
         "fields",
+        "held",
         "intended_ns",
         "results",
         "seen_ns",
@@ -144,6 +145,8 @@ class FollowedSignal:
         self.seen_ns: list[int] = [0] * hops  # 0: not seen
         self.results: list[HopResult | None] = [None] * hops
         self.details: dict[int, str] | None = None
+        # Hops seen before an earlier hop was judged: their result waits for the order check.
+        self.held: dict[int, HopResult] | None = None
         self.duplicates: dict[int, int] | None = None
         self.verdict: Verdict | None = None
         self.failed_hop: int | None = None

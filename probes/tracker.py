@@ -21,6 +21,11 @@ from typing import Any, Protocol
 from probes.chains import FAILURES, ChainSpec, FollowedSignal, HopResult, Verdict
 from probes.trace_ids import LATE, MISSING, UNKNOWN_TRACE_ID
 
+ORDER_TOLERANCE_S = 0.05
+"""How much earlier than a previous hop a hop may be seen and still be in order. Two outputs
+of one stage (a state topic and a state API) are seen by different means, polling among
+them, so their sightings can swap by a few milliseconds without anything being wrong."""
+
 
 class TrackerListener(Protocol):
     """Where the tracker's findings go (metrics, reports, the trace log)."""
@@ -46,6 +51,7 @@ class Tracker:
         self._listener = listener
         self._tables: list[dict[str, FollowedSignal]] = [{} for _ in self.chains]
         self._within_ns = [[round(h.within_s * 1e9) for h in c.hops] for c in self.chains]
+        self._order_tolerance_ns = round(ORDER_TOLERANCE_S * 1e9)
         self._queues: list[list[deque[FollowedSignal]]] = [
             [deque() for _ in c.hops] for c in self.chains
         ]
@@ -126,13 +132,18 @@ class Tracker:
             return
         if seen_ns >= followed.sent_ns + self._within_ns[chain_index][hop_index]:
             # Seen after its deadline but before the sweep got to it: still a timeout.
-            followed.results[hop_index] = HopResult.TIMEOUT
             self._listener.on_unmatched(chain_index, hop_index, LATE)
-            self._complete_if_judged(followed)
+            self._set_result(followed, hop_index, HopResult.TIMEOUT)
             return
         followed.seen_ns[hop_index] = seen_ns
-        followed.results[hop_index] = self._judge(followed, hop_index, body)
-        self._complete_if_judged(followed)
+        result = self._judge(followed, hop_index, body)
+        if None in followed.results[:hop_index]:
+            # An earlier hop has no result yet: whether this one is in order is known then.
+            if followed.held is None:
+                followed.held = {}
+            followed.held[hop_index] = result
+        else:
+            self._set_result(followed, hop_index, result)
         by_vin = self._waiting_by_vin[chain_index][hop_index]
         if by_vin is not None:
             self._supersede_older(by_vin.get(followed.vin), followed, hop_index)
@@ -140,7 +151,8 @@ class Tracker:
     def pending(self, chain_index: int, hop_index: int) -> Iterator[FollowedSignal]:
         """The followed signals still waiting to be seen at a hop, oldest first."""
         for followed in self._queues[chain_index][hop_index]:
-            if followed.results[hop_index] is None and followed.verdict is not Verdict.ABORTED:
+            unseen = not followed.seen_ns[hop_index] and followed.results[hop_index] is None
+            if unseen and followed.verdict is not Verdict.ABORTED:
                 yield followed
 
     def unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
@@ -159,9 +171,8 @@ class Tracker:
                     followed = queue.popleft()
                     if followed.verdict is Verdict.ABORTED:
                         continue
-                    if followed.results[hop_index] is None:
-                        followed.results[hop_index] = HopResult.TIMEOUT
-                        self._complete_if_judged(followed)
+                    if followed.results[hop_index] is None and not followed.seen_ns[hop_index]:
+                        self._set_result(followed, hop_index, HopResult.TIMEOUT)
                     if hop_index == last:
                         self._retire(followed)
 
@@ -191,10 +202,23 @@ class Tracker:
             for queue in queues:
                 queue.clear()
 
+    def _set_result(self, followed: FollowedSignal, hop_index: int, result: HopResult) -> None:
+        """Give a hop its result, then judge the held hops that were waiting for it."""
+        followed.results[hop_index] = result
+        held = followed.held
+        while held:
+            later = min(held)
+            if None in followed.results[:later]:
+                break
+            result = held.pop(later)
+            limit = followed.seen_ns[later] + self._order_tolerance_ns
+            if any(seen > limit for seen in followed.seen_ns[:later]):
+                result = HopResult.OUT_OF_ORDER
+            followed.results[later] = result
+        self._complete_if_judged(followed)
+
     def _judge(self, followed: FollowedSignal, hop_index: int, body: Any) -> HopResult:
-        for earlier in range(hop_index):
-            if followed.results[earlier] is None:
-                return HopResult.OUT_OF_ORDER
+        """The result of a sighting by its body: ok, or invalid if an expectation fails."""
         hop = self.chains[followed.chain_index].hops[hop_index]
         if hop.expectations:
             if body is MISSING or followed.fields is None:
@@ -214,9 +238,9 @@ class Tracker:
         hop: they are superseded, which is not a failure."""
         while waiting and waiting[0].sent_ns <= seen.sent_ns:
             older = waiting.popleft()
-            if older is not seen and older.results[hop_index] is None:
-                older.results[hop_index] = HopResult.SUPERSEDED
-                self._complete_if_judged(older)
+            unseen = not older.seen_ns[hop_index] and older.results[hop_index] is None
+            if older is not seen and unseen:
+                self._set_result(older, hop_index, HopResult.SUPERSEDED)
 
     def _complete_if_judged(self, followed: FollowedSignal) -> None:
         if followed.verdict is not None or None in followed.results:

@@ -155,7 +155,7 @@ async def test_metrics_exposition_passes_promtool(
 
 
 async def test_the_demo_runs_and_prints_per_hop_results(tmp_path: Path) -> None:
-    """`fleetprobe demo` starts its broker and testbed and prints every hop, exit 0."""
+    """`fleetprobe demo` starts its broker and testbed and follows every hop kind, exit 0."""
     port = free_port()
     code, out, err = await finish(
         await fleetprobe(
@@ -164,10 +164,12 @@ async def test_the_demo_runs_and_prints_per_hop_results(tmp_path: Path) -> None:
         90,
     )
     assert code == 0, err
-    for hop_line in ("broker ", "gateway "):
-        assert hop_line in out
-    assert "chain telemetry-to-platform" in out and "chain door-to-broker" in out
-    assert (tmp_path / "out/report.json").exists()
+    assert "chain telemetry-to-api" in out and "chain door-to-broker" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("    ")}
+    for hop in ("broker", "gateway", "processor", "webhook", "api"):
+        assert int(rows[hop][1]) > 0 and rows[hop][2:6] == ["0", "0", "0", "0"], rows[hop]
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert report["chains"]["telemetry-to-api"]["failed"] == 0
 
 
 async def test_a_metrics_port_in_use_is_a_clear_usage_error(

@@ -425,3 +425,28 @@ def test_sampling_is_stable_and_close_to_the_rate() -> None:
     assert 0.235 <= sum(picks) / len(picks) <= 0.265
     everything = ChainSpec("x", "telemetry", (HopSpec("broker", 1.0),))
     assert all(everything.follows(t) for t in ids[:100])
+
+
+def test_a_hop_seen_slightly_before_its_predecessor_is_in_order() -> None:
+    """Within the order tolerance, a hop seen before the previous one is still ok."""
+    chain = ChainSpec("c", "telemetry", (HopSpec("state", 1.0), HopSpec("api", 2.0)))
+    tracker, rec = make(chain)
+    s = follow(tracker, tid(1))
+    tracker.observe(0, 1, tid(1), T0 + 100 * MS)  # the API shows the state first...
+    assert s.results == [None, None] and rec.verdicts == []  # ...held until the state is judged
+    tracker.observe(0, 0, tid(1), T0 + 101 * MS)
+    assert s.results == [HopResult.OK, HopResult.OK]
+    assert rec.verdicts == [s] and s.verdict is Verdict.OK
+
+
+def test_a_held_hop_is_judged_when_its_predecessor_times_out() -> None:
+    """A hop seen before a predecessor that never comes keeps its own result; the chain fails
+    at the predecessor."""
+    chain = ChainSpec("c", "telemetry", (HopSpec("state", 1.0), HopSpec("api", 2.0)))
+    tracker, rec = make(chain)
+    s = follow(tracker, tid(1))
+    tracker.observe(0, 1, tid(1), T0 + 100 * MS)
+    assert [f.trace_id for f in tracker.pending(0, 1)] == []  # seen: not polled for again
+    tracker.expire(T0 + 1 * S)
+    assert s.results == [HopResult.TIMEOUT, HopResult.OK]
+    assert s.failed_hop == 0 and rec.verdicts == [s]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,6 +24,7 @@ from simulator.templates import TextTemplate
 from transport.http import HttpClient, HttpError
 
 DEFAULT_TRACE_ID_PATH = "$.trace_id"
+MAX_REMEMBERED_URLS = 100_000
 
 
 class HttpPollHop(HopConfig):
@@ -74,7 +76,9 @@ class _PolledHop:
         self.path = (
             None if config.header else compile_path(config.trace_id or DEFAULT_TRACE_ID_PATH)
         )
-        self.last_shown: dict[str, str] = {}  # url -> trace id it showed last
+        # url -> the trace id it showed last, kept after nobody waits on the URL (a state API
+        # keeps showing it), bounded for URL templates that differ per signal.
+        self.last_shown: OrderedDict[str, str] = OrderedDict()
         self.in_flight: set[str] = set()
 
 
@@ -119,9 +123,6 @@ class HttpPollObserver(Observer, kind="http_poll", config=HttpPollHop):
                 task = asyncio.create_task(self._poll(polled, client, url))
                 pending_tasks.add(task)
                 task.add_done_callback(pending_tasks.discard)
-            for url in list(polled.last_shown):
-                if url not in urls:
-                    del polled.last_shown[url]  # nobody waits on it: forget its state
             next_ns += interval_ns
             delay_ns = next_ns - time.monotonic_ns()
             if delay_ns < 0:  # fell behind (a stalled loop): do not burst to catch up
@@ -151,9 +152,13 @@ class HttpPollObserver(Observer, kind="http_poll", config=HttpPollHop):
         except Unmatched as unmatched:
             stats.poll_error(hop.chain_index, hop.hop_index, unmatched.reason)
             return
-        if polled.last_shown.get(url) == trace_id:
+        shown = polled.last_shown
+        if shown.get(url) == trace_id:
             return  # the same state again: not a new sighting, not a duplicate
-        polled.last_shown[url] = trace_id
+        shown[url] = trace_id
+        shown.move_to_end(url)
+        if len(shown) > MAX_REMEMBERED_URLS:
+            shown.popitem(last=False)
         # Waiting for a free connection slot is the prober's delay, not the platform's.
         seen_ns = response.received_ns - (response.sent_ns - asked_ns)
         self.context.tracker.observe(hop.chain_index, hop.hop_index, trace_id, seen_ns, body)
