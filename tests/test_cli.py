@@ -79,18 +79,19 @@ async def test_a_broken_scenario_sends_nothing(
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 async def test_a_signal_stops_emission_and_still_writes_the_reports(
-    tmp_path: Path, broker_url: str, prefix: str, signum: int, code: int
+    tmp_path: Path, broker: BrokerTarget, broker_url: str, prefix: str, signum: int, code: int
 ) -> None:
     """SIGTERM/SIGINT mid-run: exit 143/130, report and traces written, every signal judged."""
     scenario = scenario_dict(broker_url, prefix, duration="60s")
     scenario["exporters"] = {"json": "out/report.json", "traces": "out/traces.jsonl"}
     path = write_scenario(tmp_path / "s.yaml", scenario)
-    process = await fleetprobe("run", str(path), cwd=tmp_path)
-    assert process.stderr is not None
-    async with asyncio.timeout(20):
-        while b"emitting" not in await process.stderr.readline():
-            pass
-    await asyncio.sleep(0.5)  # let some signals go out; the test is about what comes after
+    async with MqttSession(broker, f"watch-{prefix}") as watcher:
+        await watcher.subscribe([f"{prefix}/#"])
+        process = await fleetprobe("run", str(path), cwd=tmp_path)
+        async with asyncio.timeout(20):  # interrupt once signals are on their way
+            messages = aiter(watcher.messages())
+            for _ in range(20):
+                await anext(messages)
     process.send_signal(signum)
     exit_code, out, _ = await finish(process, 15)
     report = json.loads((tmp_path / "out/report.json").read_text())
