@@ -257,9 +257,9 @@ class _Run:
                 sweep_deadlines(tracker, lambda: not emitting and tracker.idle)
             )
             self.live.phase = "emitting"
-            await clock.run(
-                self.duration_s, Emitter(publisher, tracker, self.metrics, self.book).emit
-            )
+            emitter = Emitter(publisher, tracker, self.metrics, self.book)
+            await clock.run(self.duration_s, emitter.emit)
+            await emitter.flush()  # every QoS 1/2 send is acknowledged or counted as failed
             emitting = False
             self.live.phase = "draining"
             drain_s = max((h.within_s for c in self.plan.chains for h in c.hops), default=0.0) + 1.0
