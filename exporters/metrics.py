@@ -194,7 +194,9 @@ class ProbeMetrics:
                 self._latency[c][h].observe(followed.latency_s(h) or 0.0)
                 step = followed.step_s(h)
                 if step is not None:
-                    self._step[c][h].observe(step)
+                    # Within the order tolerance a hop may be seen just before the previous
+                    # one; a negative observation would make the histogram's _sum go down.
+                    self._step[c][h].observe(max(0.0, step))
         if followed.verdict is Verdict.OK:
             self._chain_ok[c].inc()
             self._chain_latency[c].observe(followed.chain_latency_s() or 0.0)

@@ -30,6 +30,7 @@ def build_report(
             "ok": chain.verdicts["ok"],
             "failed": chain.verdicts["failed"],
             "aborted": chain.verdicts["aborted"],
+            "unsent": chain.unsent,
             "failed_at": dict(chain.failed_at),
             "latency_s": chain.latency.summary(),
             "hops": {

@@ -32,6 +32,7 @@ class ChainBook:
     failed_at: Counter[str] = field(default_factory=Counter)
     latency: Samples = field(default_factory=Samples)
     hops: list[HopBook] = field(default_factory=list)
+    unsent: int = 0  # signals this chain would have followed, had their send not failed
 
     @property
     def followed(self) -> int:
@@ -88,6 +89,10 @@ class ResultBook:
     def duplicate(self, chain_index: int, hop_index: int) -> None:
         """A hop saw a signal again."""
         self.chains[chain_index].hops[hop_index].duplicates += 1
+
+    def unsent(self, chain_index: int) -> None:
+        """A signal the chain followed could not be sent (the platform was not reachable)."""
+        self.chains[chain_index].unsent += 1
 
     def unmatched_message(self, chain_index: int, hop_index: int, reason: str) -> None:
         """A hop saw something it could not match."""

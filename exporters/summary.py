@@ -38,6 +38,7 @@ def render_summary(book: ResultBook, scenario: str) -> str:
             f"  chain {chain.spec.name} (signal {chain.spec.signal}): followed {followed}, "
             f"ok {ok} ({ratio}), failed {chain.verdicts['failed']}"
             + (f", aborted {chain.verdicts['aborted']}" if chain.verdicts["aborted"] else "")
+            + (f", unsent {chain.unsent}" if chain.unsent else "")
             + f", latency p50 {_ms_of(chain.latency, 0.5)} p99 {_ms_of(chain.latency, 0.99)}"
         )
         if chain.failed_at:

@@ -38,6 +38,10 @@ class Emitter:
 
     async def emit(self, emission: Emission, intended_ns: int) -> None:
         """Send one emission that was due at ``intended_ns`` (monotonic)."""
+        qos = self._publisher.signals[emission.signal].qos
+        if qos:
+            # Wait for room before the stamp: the wait is the prober's, shown as emission lag.
+            await self._unacked.acquire()
         outgoing = self._publisher.prepare(emission, intended_ns)
         followed = [
             index
@@ -55,10 +59,9 @@ class Emitter:
                 outgoing.sent_wall_ns,
                 emission.fields,
             )
-        if outgoing.qos == 0:
+        if qos == 0:
             await self._send(outgoing, intended_ns, followed)
             return
-        await self._unacked.acquire()
         task = asyncio.create_task(self._send(outgoing, intended_ns, followed))
         self._pending.add(task)
         task.add_done_callback(self._acked)
@@ -78,7 +81,8 @@ class Emitter:
             await self._publisher.send(outgoing)
         except SendError as error:
             for index in followed:
-                self._tracker.forget(index, outgoing.emission.trace_id)
+                if self._tracker.forget(index, outgoing.emission.trace_id):
+                    self._book.unsent(index)
             self._metrics.send_error(signal, error.reason)
             self._book.send_error(signal, error.reason)
             return

@@ -60,7 +60,8 @@ def evaluate(objectives: list[ObjectiveConfig], book: ResultBook) -> list[Outcom
 
 def _measure(chain: ChainBook, hop_name: str | None, metric: str) -> float | None:
     if hop_name is None:
-        judged = chain.verdicts["ok"] + chain.verdicts["failed"]
+        # A signal that could not be sent failed the chain too: the platform did not take it.
+        judged = chain.verdicts["ok"] + chain.verdicts["failed"] + chain.unsent
         ok, samples = chain.verdicts["ok"], chain.latency
     else:
         index = [h.name for h in chain.spec.hops].index(hop_name)

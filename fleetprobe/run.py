@@ -57,7 +57,7 @@ class RunOptions:
     duration_s: float | None = None  # overrides the scenario's duration
     shard: tuple[int, int] = (0, 1)
     metrics_listen: str | None = None  # overrides exporters.prometheus.listen
-    out: TextIO | None = None  # where the live view and the summary go; None: nowhere
+    out: TextIO | None = None  # the live view and the summary; None: progress is only logged
     handle_signals: bool = True
 
 
@@ -144,8 +144,10 @@ class _Run:
                 # What an interruption left in flight is retired while the trace log is open.
                 self.tracker.abort_all()
                 self._note_health_changes()
-                if self.alerts is not None:
-                    await self.alerts.flush(ALERT_FLUSH_S)
+                if self.alerts is not None and not await self.alerts.flush(ALERT_FLUSH_S):
+                    log.warning(
+                        "%d alert notification(s) not delivered before the end", self.alerts.pending
+                    )
         return self._finish(started_at, started_ns)
 
     # The tracker's listener: where its findings go.

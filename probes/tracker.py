@@ -31,7 +31,8 @@ class TrackerListener(Protocol):
     """Where the tracker's findings go (metrics, reports, the trace log)."""
 
     def on_verdict(self, signal: FollowedSignal) -> None:
-        """Every hop of ``signal`` has a result."""
+        """``signal`` is judged: every hop has a result (or the run was interrupted and its
+        verdict is ``aborted``)."""
 
     def on_retired(self, signal: FollowedSignal) -> None:
         """``signal`` leaves the table; nothing about it changes after this."""
@@ -110,11 +111,18 @@ class Tracker:
                     waiting.popleft()  # judged meanwhile: keeps the lists short
                 waiting.append(followed)
 
-    def forget(self, chain_index: int, trace_id: str) -> None:
-        """Stop following a signal whose send failed: it gets no verdict."""
-        followed = self._tables[chain_index].pop(trace_id, None)
-        if followed is not None:
-            followed.verdict = Verdict.ABORTED  # its queue entries are skipped
+    def forget(self, chain_index: int, trace_id: str) -> bool:
+        """Stop following a signal whose send failed: it gets no verdict.
+
+        Returns:
+            True when it was forgotten; False when it was not followed or already seen.
+        """
+        followed = self._tables[chain_index].get(trace_id)
+        if followed is None or followed.verdict is not None or any(followed.seen_ns):
+            return False  # already seen somewhere: it was sent after all, and keeps its verdict
+        del self._tables[chain_index][trace_id]
+        followed.verdict = Verdict.ABORTED  # its queue entries are skipped
+        return True
 
     def observe(
         self, chain_index: int, hop_index: int, trace_id: str, seen_ns: int, body: Any = MISSING
@@ -135,7 +143,9 @@ class Tracker:
             self._listener.on_unmatched(chain_index, hop_index, LATE)
             self._set_result(followed, hop_index, HopResult.TIMEOUT)
             return
-        followed.seen_ns[hop_index] = seen_ns
+        # A poll answer back-dated by its wait for a connection can predate a signal sent
+        # meanwhile; nothing is seen before it was sent.
+        followed.seen_ns[hop_index] = seen_ns = max(seen_ns, followed.sent_ns + 1)
         result = self._judge(followed, hop_index, body)
         if None in followed.results[:hop_index]:
             # An earlier hop has no result yet: whether this one is in order is known then.

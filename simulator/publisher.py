@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Literal
 
-from simulator.fleet import Emission, shard_of
+from simulator.fleet import Emission
 from simulator.templates import PayloadTemplate, TextTemplate
 from transport.mqtt import BrokerTarget, MqttSession
 
@@ -80,6 +80,8 @@ class MqttPublisher:
         self.target = target
         self.signals = dict(signals)
         self._vins = list(vins)
+        # Round robin, not a hash of the VIN: under --shard every VIN shares one hash residue.
+        self._slot = {vin: i % max(1, pool) for i, vin in enumerate(self._vins)}
         self._mode = sessions
         self._pool_size = max(1, pool)
         self._sessions: dict[str, MqttSession] = {}
@@ -109,6 +111,9 @@ class MqttPublisher:
         except BaseExceptionGroup as group_error:
             await self._stack.aclose()
             raise group_error.exceptions[0] from None
+        except BaseException:  # cancelled (a startup timeout): close what did connect
+            await self._stack.aclose()
+            raise
         if self._mode == "per_vehicle":
             self._sessions = wanted
         else:
@@ -159,4 +164,4 @@ class MqttPublisher:
     def _session_for(self, vin: str) -> MqttSession:
         if self._mode == "per_vehicle":
             return self._sessions[vin]
-        return self._pool[shard_of(vin, len(self._pool))]
+        return self._pool[self._slot[vin]]

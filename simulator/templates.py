@@ -47,7 +47,8 @@ class TextTemplate:
             if token in ("{{", "}}"):
                 parts.append(token[0])
             elif match.group(1) is None:
-                raise TemplateError(f"unbalanced '{token}' in {text!r} (write '{token * 2}')")
+                # The text is not echoed: it may hold an interpolated secret.
+                raise TemplateError(f"unbalanced '{token}' (write '{token * 2}' for a literal one)")
             else:
                 parts.append((_check_name(match.group(1), known),))
             position = match.end()

@@ -10,6 +10,7 @@ import pytest
 from conftest import scenario_dict, write_scenario
 from fleetprobe.run import RunOptions, run_scenario
 from fleetprobe.scenario import load_scenario
+from testbed.mosquitto import MosquittoProcess
 from transport.mqtt import BrokerTarget, MqttSession
 
 
@@ -56,3 +57,29 @@ async def test_mqtt5_signals_carry_traceparent_and_correlation_data(
     assert name == "traceparent"
     assert traceparent.split("-")[1] == payload_id
     assert message.correlation_data == bytes.fromhex(payload_id)
+
+
+async def test_a_broker_gone_mid_run_counts_unsent_signals_against_the_chain(
+    tmp_path: Path, prefix: str
+) -> None:
+    """The broker stops mid-run: sends fail, and the chain's success ratio counts them."""
+    with MosquittoProcess() as private:
+        scenario = scenario_dict(private.url, prefix, duration="3s")
+        scenario["slo"] = [{"chain": "telemetry", "success_ratio": 0.99}]
+        loaded = load_scenario(write_scenario(tmp_path / "s.yaml", scenario))
+        target = BrokerTarget(private.host, private.port)
+        async with MqttSession(target, f"w-{prefix}") as watcher:
+            await watcher.subscribe([f"{prefix}/#"])
+            running = asyncio.create_task(run_scenario(loaded, RunOptions(handle_signals=False)))
+            async with asyncio.timeout(20):
+                messages = aiter(watcher.messages())
+                for _ in range(20):
+                    await anext(messages)
+        private.stop()
+        async with asyncio.timeout(60):
+            result = await running
+    chain = result.report["chains"]["telemetry"]
+    assert result.report["signals"]["telemetry"]["send_errors"] > 0
+    assert chain["unsent"] == result.report["signals"]["telemetry"]["send_errors"]
+    assert result.report["objectives"][0]["measured"] < 0.99
+    assert result.exit_code == 1

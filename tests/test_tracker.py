@@ -450,3 +450,13 @@ def test_a_held_hop_is_judged_when_its_predecessor_times_out() -> None:
     tracker.expire(T0 + 1 * S)
     assert s.results == [HopResult.TIMEOUT, HopResult.OK]
     assert s.failed_hop == 0 and rec.verdicts == [s]
+
+
+def test_a_failed_send_after_a_sighting_keeps_the_verdict() -> None:
+    """forget() leaves a signal that a hop already saw: it was sent, and keeps its one verdict."""
+    tracker, rec = make(ChainSpec("c", "telemetry", (HopSpec("broker", 1.0),)))
+    s = follow(tracker, tid(1))
+    tracker.observe(0, 0, tid(1), T0 + 10 * MS)
+    assert tracker.forget(0, tid(1)) is False
+    tracker.expire(T0 + 2 * S)
+    assert rec.verdicts == [s] and rec.retired == [s]

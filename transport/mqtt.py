@@ -266,6 +266,8 @@ class MqttSession:
             await client.publish(topic, payload, qos=qos, properties=properties, timeout=timeout_s)
         except aiomqtt.MqttCodeError as exc:
             raise SendError(f"publish to {topic} failed: {exc}", reason=_send_reason(exc)) from None
+        except ValueError as exc:  # paho refuses a topic it finds invalid
+            raise SendError(f"publish to {topic} refused: {exc}", reason="invalid") from None
         except aiomqtt.MqttError as exc:
             raise SendError(
                 f"publish to {topic} failed: {exc}", reason=_reason_of(str(exc))

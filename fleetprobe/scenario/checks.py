@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 from fleetprobe.scenario.models import Scenario
+from transport.mqtt import make_tls_context
 
 Finding = tuple[tuple[str | int, ...], str]
 
@@ -53,12 +55,31 @@ def cross_check(scenario: Scenario, base_dir: Path | None) -> Iterator[Finding]:
         elif objective.hop is not None and objective.hop not in {h.name for h in judged.hops}:
             yield ("slo", i, "hop"), f"chain '{judged.name}' has no hop '{objective.hop}'"
 
+    if scenario.target.mqtt.protocol == "3.1.1":
+        for i, chain in enumerate(scenario.chains):
+            for j, hop in enumerate(chain.hops):
+                kind, config = hop.kind
+                if kind == "mqtt" and config.property is not None:
+                    yield (
+                        ("chains", i, "hops", j, "mqtt", "property"),
+                        "MQTT 3.1.1 has no user properties: use protocol 5 or trace_id: $.path",
+                    )
+
     tls = scenario.target.mqtt.tls
     if tls is not None and base_dir is not None:
+        missing = False
         for key in ("ca", "cert", "key"):
             name = getattr(tls, key)
             if name and not (base_dir / name).is_file():
+                missing = True
                 yield ("target", "mqtt", "tls", key), f"file not found: {base_dir / name}"
+        if not missing:
+            try:
+                make_tls_context(
+                    *(str(base_dir / n) if n else None for n in (tls.ca, tls.cert, tls.key))
+                )
+            except (ssl.SSLError, OSError, ValueError) as error:
+                yield ("target", "mqtt", "tls"), f"unusable TLS files: {error}"
 
 
 def _unique(where: tuple[str | int, ...], names: list[str]) -> Iterator[Finding]:

@@ -132,7 +132,6 @@ def parse_scenario(
 def _problem_of(error: ErrorDetails, tree: YamlTree, filename: str) -> Problem:
     path = tuple(error["loc"])
     kind = error["type"]
-    message = error["msg"]
     if kind == "extra_forbidden":
         return Problem(
             filename,
@@ -147,9 +146,23 @@ def _problem_of(error: ErrorDetails, tree: YamlTree, filename: str) -> Problem:
             _breadcrumb(tree, path[:-1]),
             f"missing required key '{path[-1]}'",
         )
-    context = error.get("ctx") or {}
+    if path and path[-1] == "[key]":  # pydantic's mark for a mapping's key, not its value
+        path = path[:-1]
+        return Problem(
+            filename,
+            *tree.position(path, key=True),
+            _breadcrumb(tree, path),
+            "this name " + _message(error),
+        )
     # Errors of ours that know where inside the value they are (a template in a payload).
-    path += tuple(getattr(context.get("error"), "path", ()))
+    path += tuple(getattr((error.get("ctx") or {}).get("error"), "path", ()))
+    return Problem(filename, *_place(tree, path), _breadcrumb(tree, path), _message(error))
+
+
+def _message(error: ErrorDetails) -> str:
+    """Pydantic's message for ``error``, in the words of this format."""
+    kind, message = error["type"], error["msg"]
+    context = error.get("ctx") or {}
     if kind == "alternatives":
         message = f"must be {context['choices']}"
     elif kind == "string_pattern_mismatch" and context.get("pattern") == NAME_PATTERN:
@@ -168,7 +181,7 @@ def _problem_of(error: ErrorDetails, tree: YamlTree, filename: str) -> Problem:
         message = "must be" + message.removeprefix("Input should be")
     elif kind == "too_short":
         message = f"needs at least {context.get('min_length')} item(s)"
-    return Problem(filename, *_place(tree, path), _breadcrumb(tree, path), message)
+    return message
 
 
 def _place(tree: YamlTree, path: tuple[Any, ...]) -> tuple[int, int]:

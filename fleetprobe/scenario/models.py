@@ -319,7 +319,7 @@ class Scenario(Strict):
     speed: float = Field(1.0, gt=0, le=10_000)
     target: Target
     fleet: FleetConfig
-    signals: dict[str, SignalConfig] = Field(min_length=1)
+    signals: dict[Name, SignalConfig] = Field(min_length=1)
     chains: list[ChainConfig] = Field(default_factory=list)
     slo: list[ObjectiveConfig] = Field(default_factory=list)
     health: HealthConfig = Field(default_factory=HealthConfig)

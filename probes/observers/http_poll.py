@@ -113,21 +113,25 @@ class HttpPollObserver(Observer, kind="http_poll", config=HttpPollHop):
         interval_ns = round(polled.config.every * 1e9)
         pending_tasks: set[asyncio.Task[None]] = set()
         next_ns = time.monotonic_ns()
-        while True:
-            urls = {
-                polled.url.render_text(signal.fields or {})
-                for signal in self.context.tracker.pending(hop.chain_index, hop.hop_index)
-            }
-            for url in urls - polled.in_flight:  # a slow URL is not asked twice at once
-                polled.in_flight.add(url)
-                task = asyncio.create_task(self._poll(polled, client, url))
-                pending_tasks.add(task)
-                task.add_done_callback(pending_tasks.discard)
-            next_ns += interval_ns
-            delay_ns = next_ns - time.monotonic_ns()
-            if delay_ns < 0:  # fell behind (a stalled loop): do not burst to catch up
-                next_ns, delay_ns = time.monotonic_ns(), 0
-            await asyncio.sleep(delay_ns / 1e9)
+        try:
+            while True:
+                urls = {
+                    polled.url.render_text(signal.fields or {})
+                    for signal in self.context.tracker.pending(hop.chain_index, hop.hop_index)
+                }
+                for url in urls - polled.in_flight:  # a slow URL is not asked twice at once
+                    polled.in_flight.add(url)
+                    task = asyncio.create_task(self._poll(polled, client, url))
+                    pending_tasks.add(task)
+                    task.add_done_callback(pending_tasks.discard)
+                next_ns += interval_ns
+                delay_ns = next_ns - time.monotonic_ns()
+                if delay_ns < 0:  # fell behind (a stalled loop): do not burst to catch up
+                    next_ns, delay_ns = time.monotonic_ns(), 0
+                await asyncio.sleep(delay_ns / 1e9)
+        finally:
+            for task in pending_tasks:  # a poll must not outlive its client
+                task.cancel()
 
     async def _poll(self, polled: _PolledHop, client: HttpClient, url: str) -> None:
         hop = polled.watched

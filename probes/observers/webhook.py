@@ -108,7 +108,8 @@ class WebhookObserver(Observer, kind="webhook", config=WebhookHop):
         body: Any = parse_json(raw)
         accepted = False
         for route in routes:
-            refusal = _signature_refusal(route.config, request, raw)
+            too_large = len(raw) > route.config.max_body  # the server allows the largest limit
+            refusal = "too_large" if too_large else _signature_refusal(route.config, request, raw)
             if refusal is not None:
                 stats.webhook_rejected(route.chain_index, route.hop_index, refusal)
                 continue
@@ -125,6 +126,10 @@ class WebhookObserver(Observer, kind="webhook", config=WebhookHop):
                 route.chain_index, route.hop_index, trace_id, seen_ns, body
             )
         if not accepted:
+            if len(raw) > min(route.config.max_body for route in routes):
+                raise web.HTTPRequestEntityTooLarge(
+                    max_size=min(route.config.max_body for route in routes), actual_size=len(raw)
+                )
             raise web.HTTPUnauthorized(text="bad or missing signature\n")
         return web.Response(status=204)
 
