@@ -17,6 +17,7 @@ from typing import TextIO
 
 from exporters.health import HealthMonitor
 from exporters.results import ResultBook
+from exporters.stats import format_ms
 
 log = logging.getLogger("fleetprobe")
 
@@ -117,7 +118,7 @@ class LiveView:
                 lines.append(
                     f"    {spec.name:<16}{hop.results['ok']:>8}{failed:>8}"
                     f"{'-' if ratio is None else f'{ratio:.1%}':>9}"
-                    f"{_ms(window.recent_quantile(0.5)):>10}{_ms(window.recent_quantile(0.99)):>10}"
+                    f"{format_ms(window.recent_quantile(0.5)):>10}{format_ms(window.recent_quantile(0.99)):>10}"
                     f"  {'up' if window.up else 'DOWN'}"
                 )
         if self._events:
@@ -149,7 +150,3 @@ class _EventHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.events.append(self.format(record))
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:.1f}ms"

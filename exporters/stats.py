@@ -48,3 +48,10 @@ class Samples:
 
 def _round(value: float | None, ndigits: int) -> float | None:
     return None if value is None else round(value, ndigits)
+
+
+def format_ms(seconds: float | None) -> str:
+    """``12.3ms`` (``12.3s`` from ten seconds on); ``-`` for no value."""
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f}ms" if seconds < 10 else f"{seconds:.1f}s"

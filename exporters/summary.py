@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from exporters.results import ResultBook
-from exporters.stats import Samples
+from exporters.stats import Samples, format_ms
 
 LAG_LIMIT_S = 0.010
 
@@ -19,10 +19,14 @@ def render_summary(book: ResultBook, scenario: str) -> str:
             + (f" ({reasons})" if reasons else "")
         )
     lag_p99 = book.emission_lag.quantile(0.99)
-    lines.append(f"  emission lag: p50 {_ms(book.emission_lag.quantile(0.5))}, p99 {_ms(lag_p99)}")
+    lines.append(
+        f"  emission lag: p50 {format_ms(book.emission_lag.quantile(0.5))}, "
+        f"p99 {format_ms(lag_p99)}"
+    )
     if lag_p99 is not None and lag_p99 > LAG_LIMIT_S:
         lines.append(
-            f"  WARNING: emission lag p99 {_ms(lag_p99)} is over {_ms(LAG_LIMIT_S)}: the "
+            f"  WARNING: emission lag p99 {format_ms(lag_p99)} is over "
+            f"{format_ms(LAG_LIMIT_S)}: the "
             "prober could not keep the schedule, latencies include its own delay"
         )
     header = (
@@ -73,10 +77,4 @@ def render_summary(book: ResultBook, scenario: str) -> str:
 
 
 def _ms_of(samples: Samples, q: float) -> str:
-    return _ms(samples.quantile(q))
-
-
-def _ms(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds * 1000:.1f}ms" if seconds < 10 else f"{seconds:.1f}s"
+    return format_ms(samples.quantile(q))

@@ -15,6 +15,7 @@ from fleetprobe.scenario import ScenarioError, load_scenario
 from fleetprobe.scenario.models import Scenario
 from probes.config import parse_duration
 from testbed import cli as testbed_cli
+from transport.servers import split_listen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,9 +108,10 @@ def _duration(text: str) -> float:
 
 
 def _listen(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (like 127.0.0.1:9464)")
+    try:
+        split_listen(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return text
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any, Final
 
-from probes.config import JsonPath
+from probes.config import JsonPath, compile_path
 
 MISSING: Final = object()
 """What :func:`lookup` returns when the path does not exist in the body."""
@@ -67,6 +67,34 @@ def parse_json(payload: bytes) -> Any:
         return MISSING
 
 
+DEFAULT_PATH = "$.trace_id"
+
+
+class TraceIdReader:
+    """Where a hop finds the trace id: a path into the JSON body (``$.trace_id`` unless
+    told), or a named pair (an MQTT 5 user property, an HTTP header)."""
+
+    __slots__ = ("_name", "_steps")
+
+    def __init__(self, path: str | None = None, name: str | None = None) -> None:
+        if path is not None and name is not None:
+            raise ValueError("a trace id is read from a path or from a name, not both")
+        self._name = name or ""
+        self._steps = None if name else compile_path(path or DEFAULT_PATH)
+
+    def read(self, body: Any, pairs: Iterable[tuple[str, str]]) -> str:
+        """The trace id; raises :class:`Unmatched` with the reason when there is none."""
+        if self._steps is not None:
+            return from_body(body, self._steps)
+        return from_pairs(pairs, self._name)
+
+
+def one_source(trace_id: str | None, name: str | None, key: str) -> None:
+    """Raise ValueError when a hop's config gives both ``trace_id`` and ``key`` (``name``)."""
+    if trace_id is not None and name is not None:
+        raise ValueError(f"give the trace id by one of trace_id or {key}, not both")
+
+
 def from_body(body: Any, steps: JsonPath) -> str:
     """The trace id at ``steps`` in a parsed body; raises :class:`Unmatched` otherwise."""
     if body is MISSING:
@@ -74,7 +102,7 @@ def from_body(body: Any, steps: JsonPath) -> str:
     return _checked(lookup(body, steps))
 
 
-def from_pairs(pairs: Sequence[tuple[str, str]], name: str) -> str:
+def from_pairs(pairs: Iterable[tuple[str, str]], name: str) -> str:
     """The trace id in the first pair called ``name`` (case-insensitive for headers)."""
     wanted = name.lower()
     for key, value in pairs:

@@ -35,6 +35,12 @@ async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
 
 
 def split_listen(listen: str) -> tuple[str, int]:
-    """``127.0.0.1:9464`` as host and port."""
-    host, _, port = listen.rpartition(":")
+    """``127.0.0.1:9464`` as host and port.
+
+    Raises:
+        ValueError: ``listen`` is not HOST:PORT with a port from 0 to 65535.
+    """
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{listen!r} is not HOST:PORT (like 127.0.0.1:9464)")
     return host.strip("[]"), int(port)

@@ -29,6 +29,7 @@ from probes.observers import hop_kinds
 from simulator.fleet import SIGNAL_FIELDS, TOPIC_FIELDS
 from simulator.templates import PayloadTemplate, TemplateError, TextTemplate
 from transport.mqtt import parse_broker_url
+from transport.servers import split_listen
 from transport.topics import check_topic_name
 
 PositiveDuration = Annotated[Duration, Field(gt=0)]
@@ -262,9 +263,7 @@ class ObjectiveConfig(Strict):
 
 def _listen_input(value: Any) -> Any:
     if isinstance(value, str):
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"{value!r} is not host:port (like 127.0.0.1:9464)")
+        split_listen(value)
     return value
 
 

@@ -16,14 +16,13 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from probes.config import Duration, PathText, compile_path
+from probes.config import Duration, PathText
 from probes.observers.base import HopConfig, Observer, ObserverContext, WatchedHop
-from probes.trace_ids import Unmatched, from_body, from_pairs, parse_json
+from probes.trace_ids import TraceIdReader, Unmatched, one_source, parse_json
 from simulator.fleet import SIGNAL_FIELDS
 from simulator.templates import TextTemplate
 from transport.http import HttpClient, HttpError
 
-DEFAULT_TRACE_ID_PATH = "$.trace_id"
 MAX_REMEMBERED_URLS = 100_000
 
 
@@ -53,8 +52,7 @@ class HttpPollHop(HopConfig):
 
     @model_validator(mode="after")
     def _one_trace_id_source(self) -> HttpPollHop:
-        if self.trace_id is not None and self.header is not None:
-            raise ValueError("give the trace id by one of trace_id or header, not both")
+        one_source(self.trace_id, self.header, "header")
         return self
 
     def template_fields(self) -> frozenset[str]:
@@ -73,9 +71,7 @@ class _PolledHop:
         self.watched = hop
         self.config = config
         self.url = TextTemplate(config.url, SIGNAL_FIELDS)
-        self.path = (
-            None if config.header else compile_path(config.trace_id or DEFAULT_TRACE_ID_PATH)
-        )
+        self.trace_id = TraceIdReader(config.trace_id, config.header)
         # url -> the trace id it showed last, kept after nobody waits on the URL (a state API
         # keeps showing it), bounded for URL templates that differ per signal.
         self.last_shown: OrderedDict[str, str] = OrderedDict()
@@ -149,10 +145,7 @@ class HttpPollObserver(Observer, kind="http_poll", config=HttpPollHop):
             return
         body: Any = parse_json(response.body)
         try:
-            if polled.path is not None:
-                trace_id = from_body(body, polled.path)
-            else:
-                trace_id = from_pairs(list(response.headers.items()), polled.config.header or "")
+            trace_id = polled.trace_id.read(body, response.headers.items())
         except Unmatched as unmatched:
             stats.poll_error(hop.chain_index, hop.hop_index, unmatched.reason)
             return

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import field_validator, model_validator
 
-from probes.config import PathText, compile_path
+from probes.config import PathText
 from probes.observers.base import (
     HopConfig,
     Observer,
@@ -19,11 +19,10 @@ from probes.observers.base import (
     ObserverSetupError,
     WatchedHop,
 )
-from probes.trace_ids import RETAINED, Unmatched, from_body, from_pairs, parse_json
+from probes.trace_ids import RETAINED, TraceIdReader, Unmatched, one_source, parse_json
 from transport.mqtt import InboundMessage, MqttSession
 from transport.topics import check_topic_filter, topic_matches
 
-DEFAULT_TRACE_ID_PATH = "$.trace_id"
 _UNPARSED = object()
 
 
@@ -42,23 +41,19 @@ class MqttHop(HopConfig):
 
     @model_validator(mode="after")
     def _one_trace_id_source(self) -> MqttHop:
-        if self.trace_id is not None and self.property is not None:
-            raise ValueError("give the trace id by one of trace_id or property, not both")
+        one_source(self.trace_id, self.property, "property")
         return self
 
 
 class _Route:
     """One watched hop and how it reads the trace id."""
 
-    __slots__ = ("chain_index", "hop_index", "path", "property")
+    __slots__ = ("chain_index", "hop_index", "trace_id")
 
     def __init__(self, hop: WatchedHop) -> None:
         config: MqttHop = hop.config
         self.chain_index, self.hop_index = hop.chain_index, hop.hop_index
-        self.property = config.property
-        self.path = (
-            None if config.property else compile_path(config.trace_id or DEFAULT_TRACE_ID_PATH)
-        )
+        self.trace_id = TraceIdReader(config.trace_id, config.property)
 
 
 class MqttObserver(Observer, kind="mqtt", config=MqttHop):
@@ -109,10 +104,7 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
                 if body is _UNPARSED:
                     body = parse_json(message.payload)
                 try:
-                    if route.path is not None:
-                        trace_id = from_body(body, route.path)
-                    else:
-                        trace_id = from_pairs(message.user_properties, route.property or "")
+                    trace_id = route.trace_id.read(body, message.user_properties)
                 except Unmatched as unmatched:
                     tracker.unmatched(route.chain_index, route.hop_index, unmatched.reason)
                     continue

@@ -19,12 +19,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from probes.config import PathText, compile_path
+from probes.config import PathText
 from probes.observers.base import HopConfig, Observer, ObserverContext, WatchedHop
-from probes.trace_ids import Unmatched, from_body, from_pairs, parse_json
+from probes.trace_ids import TraceIdReader, Unmatched, one_source, parse_json
 from transport.servers import serve
 
-DEFAULT_TRACE_ID_PATH = "$.trace_id"
 SIGNATURE_PREFIX = "sha256="
 
 
@@ -47,22 +46,17 @@ class WebhookHop(HopConfig):
 
     @model_validator(mode="after")
     def _one_trace_id_source(self) -> WebhookHop:
-        if self.trace_id is not None and self.header is not None:
-            raise ValueError("give the trace id by one of trace_id or header, not both")
+        one_source(self.trace_id, self.header, "header")
         return self
 
 
 class _Route:
-    __slots__ = ("chain_index", "config", "hop_index", "path")
+    __slots__ = ("chain_index", "config", "hop_index", "trace_id")
 
     def __init__(self, hop: WatchedHop) -> None:
         self.config: WebhookHop = hop.config
         self.chain_index, self.hop_index = hop.chain_index, hop.hop_index
-        self.path = (
-            None
-            if self.config.header
-            else compile_path(self.config.trace_id or DEFAULT_TRACE_ID_PATH)
-        )
+        self.trace_id = TraceIdReader(self.config.trace_id, self.config.header)
 
 
 class WebhookObserver(Observer, kind="webhook", config=WebhookHop):
@@ -115,10 +109,7 @@ class WebhookObserver(Observer, kind="webhook", config=WebhookHop):
                 continue
             accepted = True
             try:
-                if route.path is not None:
-                    trace_id = from_body(body, route.path)
-                else:
-                    trace_id = from_pairs(list(request.headers.items()), route.config.header or "")
+                trace_id = route.trace_id.read(body, request.headers.items())
             except Unmatched as unmatched:
                 self.context.tracker.unmatched(route.chain_index, route.hop_index, unmatched.reason)
                 continue
