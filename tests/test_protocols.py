@@ -10,6 +10,7 @@ import pytest
 from conftest import scenario_dict, write_scenario
 from fleetprobe.run import RunOptions, run_scenario
 from fleetprobe.scenario import load_scenario
+from testbed.broker import EmbeddedBroker
 from testbed.mosquitto import MosquittoProcess
 from transport.mqtt import BrokerTarget, MqttSession
 
@@ -83,3 +84,37 @@ async def test_a_broker_gone_mid_run_counts_unsent_signals_against_the_chain(
     assert chain["unsent"] == result.report["signals"]["telemetry"]["send_errors"]
     assert result.report["objectives"][0]["measured"] < 0.99
     assert result.exit_code == 1
+
+
+async def test_overlapping_filters_of_two_hops_see_each_message_once(
+    tmp_path: Path, broker_url: str, prefix: str
+) -> None:
+    """Two hops on overlapping filters: with MQTT 5 each sees every signal once, no duplicates."""
+    scenario = scenario_dict(broker_url, prefix, duration="1s")
+    narrow = scenario["chains"][0]
+    wide = {
+        **narrow,
+        "name": "wide",
+        "hops": [{**narrow["hops"][0], "mqtt": {"topic": f"{prefix}/vehicles/#"}}],
+    }
+    scenario["chains"].append(wide)
+    loaded = load_scenario(write_scenario(tmp_path / "s.yaml", scenario))
+    async with asyncio.timeout(30):
+        result = await run_scenario(loaded, RunOptions(handle_signals=False))
+    sent = result.report["signals"]["telemetry"]["sent"]
+    for name in ("telemetry", "wide"):
+        chain = result.report["chains"][name]
+        assert chain["ok"] == sent and chain["hops"]["broker"]["duplicates"] == 0, name
+
+
+async def test_a_run_against_the_embedded_broker(tmp_path: Path, prefix: str) -> None:
+    """The demo's fallback broker carries a whole run: every signal followed, none twice."""
+    async with EmbeddedBroker(host="127.0.0.1", port=0) as embedded:
+        scenario = scenario_dict(f"mqtt://127.0.0.1:{embedded.port}", prefix, duration="1s")
+        scenario["signals"]["telemetry"]["qos"] = 1
+        loaded = load_scenario(write_scenario(tmp_path / "s.yaml", scenario))
+        async with asyncio.timeout(30):
+            result = await run_scenario(loaded, RunOptions(handle_signals=False))
+    chain = result.report["chains"]["telemetry"]
+    assert chain["ok"] == result.report["signals"]["telemetry"]["sent"] >= 40
+    assert chain["hops"]["broker"]["duplicates"] == 0

@@ -99,6 +99,7 @@ class InboundMessage:
     user_properties: tuple[tuple[str, str], ...]
     correlation_data: bytes | None
     seen_ns: int
+    subscription_ids: tuple[int, ...] = ()  # MQTT 5: which subscriptions matched it
 
 
 class _StampingClient(aiomqtt.Client):
@@ -116,9 +117,11 @@ class _StampingClient(aiomqtt.Client):
         props = getattr(message, "properties", None)
         user_properties: tuple[tuple[str, str], ...] = ()
         correlation: bytes | None = None
+        subscription_ids: tuple[int, ...] = ()
         if props is not None:
             user_properties = tuple(getattr(props, "UserProperty", ()))
             correlation = getattr(props, "CorrelationData", None)
+            subscription_ids = tuple(getattr(props, "SubscriptionIdentifier", ()))
         inbound = InboundMessage(
             message.topic,
             bytes(message.payload),
@@ -126,6 +129,7 @@ class _StampingClient(aiomqtt.Client):
             user_properties,
             correlation,
             seen_ns,
+            subscription_ids,
         )
         try:
             self.inbound.put_nowait(inbound)
@@ -273,15 +277,34 @@ class MqttSession:
                 f"publish to {topic} failed: {exc}", reason=_reason_of(str(exc))
             ) from None
 
-    async def subscribe(self, filters: Sequence[str], *, qos: int = 1) -> list[int]:
+    async def subscribe(
+        self, filters: Sequence[str], *, qos: int = 1, identify: bool = False
+    ) -> list[int]:
         """Subscribe to every filter and return the broker's SUBACK code for each.
 
         Codes 0-2 are the granted QoS; 128 and up are refusals (aiomqtt returns them
-        rather than raising).
+        rather than raising). With ``identify`` (MQTT 5), filter ``i`` gets Subscription
+        Identifier ``i + 1``, so each message says which filters matched it: a broker
+        sends one copy per matching subscription, and without the identifiers the copies
+        of overlapping filters cannot be told apart.
         """
+        if identify and self.target.protocol == "5":
+            return [
+                (await self._subscribe([f], qos, subscription_id=i + 1))[0]
+                for i, f in enumerate(filters)
+            ]
+        return await self._subscribe(filters, qos)
+
+    async def _subscribe(
+        self, filters: Sequence[str], qos: int, subscription_id: int | None = None
+    ) -> list[int]:
         client = self._connected()
+        properties = None
+        if subscription_id is not None:
+            properties = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+            properties.SubscriptionIdentifier = subscription_id
         try:
-            granted = await client.subscribe([(f, qos) for f in filters])
+            granted = await client.subscribe([(f, qos) for f in filters], properties=properties)
         except aiomqtt.MqttError as exc:
             raise ConnectError(
                 self.target.url, f"subscribe failed: {exc}", reason=_reason_of(str(exc))

@@ -66,12 +66,14 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
             self._routes.setdefault(hop.config.topic, []).append(_Route(hop))
         self._session = MqttSession(context.broker, f"fleetprobe-observer-{os.urandom(4).hex()}")
         self._entered = False
+        self._filter_of_id: dict[int, str] = {}
 
     async def start(self) -> None:
         await self._session.__aenter__()
         self._entered = True
         filters = list(self._routes)
-        codes = await self._session.subscribe(filters, qos=1)
+        self._filter_of_id = dict(enumerate(filters, start=1))
+        codes = await self._session.subscribe(filters, qos=1, identify=True)
         refused = [f for f, code in zip(filters, codes, strict=True) if code >= 0x80]
         if refused:
             names = ", ".join(
@@ -90,12 +92,24 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
             self._entered = False
             await self._session.__aexit__(None, None, None)
 
+    def _matching_routes(self, message: InboundMessage) -> list[list[_Route]]:
+        """The routes of the filters this copy of the message was delivered for."""
+        if message.subscription_ids:  # MQTT 5: exactly the subscriptions that matched
+            return [
+                self._routes[self._filter_of_id[i]]
+                for i in message.subscription_ids
+                if i in self._filter_of_id
+            ]
+        return [
+            routes
+            for topic_filter, routes in self._routes.items()
+            if topic_matches(topic_filter, message.topic)
+        ]
+
     def _mark(self, message: InboundMessage) -> None:
         tracker = self.context.tracker
         body: Any = _UNPARSED  # parsed lazily, once
-        for topic_filter, routes in self._routes.items():
-            if not topic_matches(topic_filter, message.topic):
-                continue
+        for routes in self._matching_routes(message):
             for route in routes:
                 if message.retain:
                     # A retained message is old state replayed on subscribe, not a sighting.
