@@ -159,11 +159,6 @@ class HopHealth:
         return len(self._results)
 
     @property
-    def ok_count(self) -> int:
-        """Ok results in the window."""
-        return self._ok
-
-    @property
     def success_ratio(self) -> float | None:
         """The share of ok results in the window; None when it is empty."""
         return self._ok / len(self._results) if self._results else None

@@ -49,7 +49,6 @@ class TraceLog:
         self.path = Path(path)
         self._chains = tuple(chains)
         self._file: IO[str] | None = None
-        self.lines = 0
 
     def __enter__(self) -> TraceLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,4 +66,3 @@ class TraceLog:
             raise RuntimeError("TraceLog used outside 'with'")
         line = trace_line(followed, self._chains[followed.chain_index])
         self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
-        self.lines += 1

@@ -238,11 +238,6 @@ class MqttSession:
         """Messages dropped because the application fell ``inbound_limit`` behind."""
         return self._connected().inbound_dropped
 
-    @property
-    def inbound_depth(self) -> int:
-        """Messages received and not yet taken by the application."""
-        return self._connected().inbound.qsize()
-
     async def publish(
         self,
         topic: str,

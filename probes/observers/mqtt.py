@@ -6,6 +6,7 @@ routed to every hop whose filter matches it. The body is parsed once per message
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -24,6 +25,7 @@ from transport.mqtt import InboundMessage, MqttSession
 from transport.topics import check_topic_filter, topic_matches
 
 _UNPARSED = object()
+log = logging.getLogger("fleetprobe")
 
 
 class MqttHop(HopConfig):
@@ -90,6 +92,13 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
     async def close(self) -> None:
         if self._entered:
             self._entered = False
+            if self._session.inbound_dropped:
+                # Each dropped message may show as a timeout that is the prober's, not the
+                # platform's: say so.
+                log.warning(
+                    "the MQTT observer fell behind and dropped %d received messages",
+                    self._session.inbound_dropped,
+                )
             await self._session.__aexit__(None, None, None)
 
     def _matching_routes(self, message: InboundMessage) -> list[list[_Route]]:
