@@ -11,6 +11,7 @@ COPY fleetprobe ./fleetprobe
 COPY simulator ./simulator
 COPY probes ./probes
 COPY exporters ./exporters
+COPY faults ./faults
 COPY transport ./transport
 COPY testbed ./testbed
 COPY scenarios ./scenarios

@@ -1,4 +1,4 @@
-"""The ``fleetprobe`` command: run, validate, schema, testbed, demo."""
+"""The ``fleetprobe`` command: run, validate, schema, testbed, demo, proxy."""
 
 from __future__ import annotations
 
@@ -91,6 +91,32 @@ def _demo(args: argparse.Namespace) -> int:
     return asyncio.run(
         run_demo(duration_s=args.duration, metrics_listen=args.metrics_listen, knobs=knobs)
     )
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    from faults.api import serve_until_stopped
+    from faults.proxy import ProxyError, ProxySet
+    from transport.servers import ListenError
+
+    async def serve(config: list[dict[str, object]]) -> int:
+        proxies = ProxySet(seed=args.seed)
+        try:
+            await proxies.populate(config)
+            await serve_until_stopped(args.api, proxies)
+        except (ProxyError, ListenError) as error:
+            print(f"fleetprobe proxy: {error}", file=sys.stderr)
+            return ExitCode.BAD_SCENARIO
+        finally:
+            await proxies.close()
+        return ExitCode.OK
+
+    config = []
+    if args.config:
+        with open(args.config, encoding="utf-8") as file:
+            config = json.load(file)
+        if not isinstance(config, list) or not all(isinstance(p, dict) for p in config):
+            raise ValueError(f"{args.config}: expected a JSON list of proxies, as for /populate")
+    return asyncio.run(serve(config))
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -188,4 +214,20 @@ def _parser() -> argparse.ArgumentParser:
         help="share of events the testbed's processor drops (e.g. 0.2)",
     )
     demo.set_defaults(command=_demo)
+
+    proxy = commands.add_parser(
+        "proxy", help="run the fault proxy with a Toxiproxy-compatible HTTP API"
+    )
+    proxy.add_argument(
+        "--api",
+        type=_listen,
+        default="127.0.0.1:8474",
+        metavar="HOST:PORT",
+        help="where the API listens (default: Toxiproxy's 127.0.0.1:8474)",
+    )
+    proxy.add_argument(
+        "--config", metavar="FILE", help="proxies to create at start (JSON, as for /populate)"
+    )
+    proxy.add_argument("--seed", type=int, help="seed for toxicity and jitter")
+    proxy.set_defaults(command=_proxy)
     return parser

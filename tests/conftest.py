@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,3 +81,32 @@ def write_scenario(path: Path, scenario: dict[str, Any]) -> Path:
     """Write ``scenario`` as YAML to ``path``."""
     path.write_text(yaml.safe_dump(scenario, sort_keys=False))
     return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+async def fleetprobe(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """Start ``fleetprobe ARGS`` as a subprocess."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fleetprobe",
+        *args,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )
+
+
+async def finish(
+    process: asyncio.subprocess.Process, timeout_s: float = 60
+) -> tuple[int, str, str]:
+    """Wait for the process; return exit code, stdout and stderr."""
+    async with asyncio.timeout(timeout_s):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

@@ -4,48 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from conftest import scenario_dict, write_scenario
+from conftest import finish, fleetprobe, scenario_dict, write_scenario
 from testbed.mosquitto import free_port
 from transport.mqtt import BrokerTarget, MqttSession
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-async def fleetprobe(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
-) -> asyncio.subprocess.Process:
-    """Start ``fleetprobe ARGS`` as a subprocess."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fleetprobe",
-        *args,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-    )
-
-
-async def finish(
-    process: asyncio.subprocess.Process, timeout_s: float = 60
-) -> tuple[int, str, str]:
-    """Wait for the process; return exit code, stdout and stderr."""
-    async with asyncio.timeout(timeout_s):
-        out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_unreachable_broker_exits_3_naming_the_url(tmp_path: Path, prefix: str) -> None:
