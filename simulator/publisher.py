@@ -10,10 +10,11 @@ is known.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import random
 import time
 from collections.abc import Iterable, Mapping
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -21,11 +22,19 @@ from typing import Literal
 
 from simulator.fleet import Emission
 from simulator.templates import PayloadTemplate, TextTemplate
+from transport.errors import ConnectError, SendError
 from transport.mqtt import BrokerTarget, MqttSession
 
 SessionMode = Literal["per_vehicle", "pooled"]
 
 _CONNECTS_AT_ONCE = 64
+_RECONNECT_FIRST_PAUSE_S = 0.1
+_RECONNECT_MAX_PAUSE_S = 2.0
+_LOST_LOG_EVERY_S = 1.0
+READY_WAIT_S = 5.0
+"""How long a send waits for its session to reconnect before it fails."""
+
+log = logging.getLogger("fleetprobe")
 
 
 @dataclass(frozen=True)
@@ -79,45 +88,39 @@ class MqttPublisher:
     ) -> None:
         self.target = target
         self.signals = dict(signals)
-        self._vins = list(vins)
-        # Round robin, not a hash of the VIN: under --shard every VIN shares one hash residue.
-        self._slot = {vin: i % max(1, pool) for i, vin in enumerate(self._vins)}
-        self._mode = sessions
-        self._pool_size = max(1, pool)
+        vins = list(vins)
+        if sessions == "per_vehicle":
+            self._key_of = {vin: vin for vin in vins}
+            self._client_ids = {vin: vin for vin in vins}
+        else:
+            # Round robin, not a hash of the VIN: under --shard every VIN shares one residue.
+            size = max(1, pool)
+            self._key_of = {vin: str(i % size) for i, vin in enumerate(vins)}
+            token = os.urandom(3).hex()
+            self._client_ids = {str(i): f"fleetprobe-pool-{i}-{token}" for i in range(size)}
         self._sessions: dict[str, MqttSession] = {}
-        self._pool: list[MqttSession] = []
-        self._stack = AsyncExitStack()
+        self._ready: dict[str, asyncio.Event] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._closing = False
+        self._lost = 0
 
     async def __aenter__(self) -> MqttPublisher:
-        if self._mode == "per_vehicle":
-            wanted = {vin: MqttSession(self.target, vin, inbound_limit=1) for vin in self._vins}
-        else:
-            token = os.urandom(3).hex()
-            wanted = {
-                str(i): MqttSession(self.target, f"fleetprobe-pool-{i}-{token}", inbound_limit=1)
-                for i in range(self._pool_size)
-            }
         gate = asyncio.Semaphore(_CONNECTS_AT_ONCE)
 
-        async def connect(session: MqttSession) -> None:
+        async def connect(key: str) -> None:
             async with gate:
-                await session.__aenter__()
-            self._stack.push_async_exit(session.__aexit__)
+                await self._connect(key)
 
         try:
             async with asyncio.TaskGroup() as group:
-                for session in wanted.values():
-                    group.create_task(connect(session))
+                for key in self._client_ids:
+                    group.create_task(connect(key))
         except BaseExceptionGroup as group_error:
-            await self._stack.aclose()
+            await self._close_all()
             raise group_error.exceptions[0] from None
         except BaseException:  # cancelled (a startup timeout): close what did connect
-            await self._stack.aclose()
+            await self._close_all()
             raise
-        if self._mode == "per_vehicle":
-            self._sessions = wanted
-        else:
-            self._pool = list(wanted.values())
         return self
 
     async def __aexit__(
@@ -126,17 +129,98 @@ class MqttPublisher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._stack.aclose()
+        await self._close_all()
 
-    def prepare(self, emission: Emission, intended_ns: int) -> Outgoing:
-        """Render ``emission`` and stamp it as sent now."""
+    async def _connect(self, key: str) -> None:
+        session = MqttSession(self.target, self._client_ids[key], inbound_limit=1)
+        await session.__aenter__()
+        self._sessions[key] = session
+        self._ready.setdefault(key, asyncio.Event()).set()
+        self._watchers[key] = asyncio.create_task(self._reconnect_when_lost(key, session))
+
+    async def _reconnect_when_lost(self, key: str, session: MqttSession) -> None:
+        """A vehicle whose connection drops connects again, as real ones do; until it is
+        back, its sends wait."""
+        await session.wait_disconnected()
+        if self._closing or self._sessions.get(key) is not session:
+            return  # closed on purpose
+        self._note_lost()
+        self._ready[key].clear()
+        del self._sessions[key]
+        await session.__aexit__(None, None, None)
+        pause_s = _RECONNECT_FIRST_PAUSE_S
+        while not self._closing:
+            try:
+                await self._connect(key)
+                return
+            except ConnectError:
+                await asyncio.sleep(pause_s)  # back off: the broker may be down for a while
+                pause_s = min(pause_s * 2, _RECONNECT_MAX_PAUSE_S)
+
+    def _note_lost(self) -> None:
+        # A fleet loses its sessions together: one line per second, not one per vehicle.
+        self._lost += 1
+        if self._lost == 1:
+            asyncio.get_running_loop().call_later(_LOST_LOG_EVERY_S, self._log_lost)
+
+    def _log_lost(self) -> None:
+        log.warning("%d MQTT session(s) of the fleet lost; reconnecting", self._lost)
+        self._lost = 0
+
+    async def _close_all(self) -> None:
+        self._closing = True
+        watchers, self._watchers = self._watchers, {}
+        for watcher in watchers.values():
+            watcher.cancel()
+        await asyncio.gather(*watchers.values(), return_exceptions=True)
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
+            await session.__aexit__(None, None, None)
+
+    def ready(self, vin: str) -> bool:
+        """Whether the vehicle's session is connected (not reconnecting)."""
+        return self._ready[self._key_of[vin]].is_set()
+
+    async def wait_ready(self, vin: str) -> None:
+        """Return once the vehicle's session is connected."""
+        await self._ready[self._key_of[vin]].wait()
+
+    async def reconnect_all(self, jitter_s: float, rng: random.Random) -> int:
+        """Drop every session at once and connect each again after a uniform draw from
+        ``[0, jitter_s]``, as a fleet does after an outage; return the sessions dropped.
+
+        Raises:
+            ConnectError: a session could not connect again.
+        """
+        keys = list(self._sessions)
+        for key in keys:
+            self._ready[key].clear()
+        sessions = [self._sessions.pop(key) for key in keys]
+        await asyncio.gather(*(s.__aexit__(None, None, None) for s in sessions))
+
+        async def back(key: str, delay_s: float) -> None:
+            await asyncio.sleep(delay_s)  # the storm's jitter itself
+            await self._connect(key)
+
+        async with asyncio.TaskGroup() as group:
+            for key in keys:
+                group.create_task(back(key, rng.uniform(0, jitter_s) if jitter_s else 0.0))
+        return len(keys)
+
+    def prepare(self, emission: Emission, intended_ns: int, *, clock_skew_ns: int = 0) -> Outgoing:
+        """Render ``emission`` and stamp it as sent now.
+
+        ``clock_skew_ns`` puts the vehicle's clock off by that much: it shows in the
+        payload's times only, never in the times fleetprobe measures with.
+        """
         spec = self.signals[emission.signal]
         fields = emission.fields
         sent_ns = time.monotonic_ns()
         sent_wall_ns = time.time_ns()
-        fields["sent_at"] = iso_utc(sent_wall_ns)
-        fields["sent_at_ms"] = sent_wall_ns // 1_000_000
-        fields["intended_at"] = iso_utc(sent_wall_ns - (sent_ns - intended_ns))
+        vehicle_wall_ns = sent_wall_ns + clock_skew_ns
+        fields["sent_at"] = iso_utc(vehicle_wall_ns)
+        fields["sent_at_ms"] = vehicle_wall_ns // 1_000_000
+        fields["intended_at"] = iso_utc(vehicle_wall_ns - (sent_ns - intended_ns))
         return Outgoing(
             emission,
             spec.topic.render_text(fields),
@@ -153,6 +237,14 @@ class MqttPublisher:
             SendError: the message could not be handed over (``reason`` says why).
         """
         emission = outgoing.emission
+        if not self.ready(emission.vin):
+            try:
+                async with asyncio.timeout(READY_WAIT_S):
+                    await self.wait_ready(emission.vin)
+            except TimeoutError:
+                raise SendError(
+                    f"publish to {outgoing.topic}: not connected", reason="disconnected"
+                ) from None
         await self._session_for(emission.vin).publish(
             outgoing.topic,
             outgoing.payload,
@@ -162,6 +254,4 @@ class MqttPublisher:
         )
 
     def _session_for(self, vin: str) -> MqttSession:
-        if self._mode == "per_vehicle":
-            return self._sessions[vin]
-        return self._pool[self._slot[vin]]
+        return self._sessions[self._key_of[vin]]

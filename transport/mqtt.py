@@ -233,6 +233,13 @@ class MqttSession:
             async with asyncio.timeout(2):
                 await client.__aexit__(exc_type, exc, tb)
 
+    async def wait_disconnected(self) -> None:
+        """Return when the connection is lost (or closed)."""
+        disconnected = self._connected()._disconnected
+        await asyncio.wait([disconnected])
+        if not disconnected.cancelled():
+            disconnected.exception()  # retrieved: asyncio would log it as never retrieved
+
     @property
     def inbound_dropped(self) -> int:
         """Messages dropped because the application fell ``inbound_limit`` behind."""
