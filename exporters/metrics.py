@@ -174,10 +174,12 @@ class ProbeMetrics:
         for i, chain in enumerate(self.chains):
             self.inflight.labels(self.scenario, chain.name).set_function(_bind(count, i))
 
-    def signal_sent(self, signal: str, lag_s: float) -> None:
-        """A signal was handed to the MQTT client ``lag_s`` after it was due."""
+    def signal_sent(self, signal: str, lag_s: float | None) -> None:
+        """A signal was handed to the MQTT client ``lag_s`` after it was due (None: late
+        on purpose, as a fault of the fleet)."""
         self._sent[signal].inc()
-        self.emission_lag.observe(lag_s)
+        if lag_s is not None:
+            self.emission_lag.observe(lag_s)
 
     def send_error(self, signal: str, reason: str) -> None:
         """A signal could not be sent."""

@@ -56,10 +56,12 @@ class ResultBook:
         self.chains = [ChainBook(c, hops=[HopBook() for _ in c.hops]) for c in chains]
         self.emission_lag = Samples()
 
-    def signal_sent(self, signal: str, lag_s: float) -> None:
-        """A signal was handed to the MQTT client ``lag_s`` after it was due."""
+    def signal_sent(self, signal: str, lag_s: float | None) -> None:
+        """A signal was handed to the MQTT client ``lag_s`` after it was due (None: late
+        on purpose, as a fault of the fleet)."""
         self.signals[signal].sent += 1
-        self.emission_lag.add(lag_s)
+        if lag_s is not None:
+            self.emission_lag.add(lag_s)
 
     def send_error(self, signal: str, reason: str) -> None:
         """A signal could not be sent."""

@@ -8,8 +8,9 @@ from collections import defaultdict
 from exporters.metrics import ProbeMetrics
 from exporters.results import ResultBook
 from probes.tracker import Tracker
+from simulator.faults import FleetFaults, Held, malform
 from simulator.fleet import Emission
-from simulator.publisher import MqttPublisher, Outgoing
+from simulator.publisher import READY_WAIT_S, MqttPublisher, Outgoing
 from transport.errors import SendError
 
 MAX_UNACKED = 1_000
@@ -24,25 +25,81 @@ class Emitter:
     """
 
     def __init__(
-        self, publisher: MqttPublisher, tracker: Tracker, metrics: ProbeMetrics, book: ResultBook
+        self,
+        publisher: MqttPublisher,
+        tracker: Tracker,
+        metrics: ProbeMetrics,
+        book: ResultBook,
+        faults: FleetFaults | None = None,
     ) -> None:
         self._publisher = publisher
         self._tracker = tracker
         self._metrics = metrics
         self._book = book
+        self._faults = faults or FleetFaults()
         self._chains_of: dict[str, list[int]] = defaultdict(list)
         for index, chain in enumerate(tracker.chains):
             self._chains_of[chain.signal].append(index)
         self._unacked = asyncio.Semaphore(MAX_UNACKED)
         self._pending: set[asyncio.Task[None]] = set()
 
-    async def emit(self, emission: Emission, intended_ns: int) -> None:
-        """Send one emission that was due at ``intended_ns`` (monotonic)."""
+    async def emit(self, emission: Emission, intended_ns: int, *, held: bool = False) -> None:
+        """Send one emission that was due at ``intended_ns`` (monotonic).
+
+        ``held``: an offline vehicle kept it until now; it is late on purpose, so its
+        delay is not the prober's emission lag.
+        """
+        faults = self._faults
+        if faults.any_active and not held and faults.hold(emission, intended_ns):
+            return
+        if not self._publisher.ready(emission.vin):
+            # Reconnecting: the vehicle sends once it is back, and the wait is the fault's.
+            waiting = asyncio.create_task(self._emit_when_ready(emission, intended_ns))
+            self._pending.add(waiting)
+            waiting.add_done_callback(self._pending.discard)
+            return
         qos = self._publisher.signals[emission.signal].qos
         if qos:
             # Wait for room before the stamp: the wait is the prober's, shown as emission lag.
             await self._unacked.acquire()
-        outgoing = self._publisher.prepare(emission, intended_ns)
+        skew_ns = faults.skew_ns(emission.vin) if faults.any_active else 0
+        outgoing = self._publisher.prepare(emission, intended_ns, clock_skew_ns=skew_ns)
+        copies = 1
+        followed: list[int] = []
+        if faults.any_active and faults.malformed():
+            # A broken payload carries no readable trace id: nothing can follow it.
+            outgoing.payload = malform(outgoing.payload)
+        else:
+            followed = self._follow(emission, intended_ns, outgoing)
+            copies = 2 if faults.any_active and faults.duplicated() else 1
+        lag_ns = None if held else outgoing.sent_ns - intended_ns
+        if qos == 0:
+            await self._send(outgoing, lag_ns, followed, copies)
+            return
+        task = asyncio.create_task(self._send(outgoing, lag_ns, followed, copies))
+        self._pending.add(task)
+        task.add_done_callback(self._acked)
+
+    async def _emit_when_ready(self, emission: Emission, intended_ns: int) -> None:
+        try:
+            async with asyncio.timeout(READY_WAIT_S):
+                await self._publisher.wait_ready(emission.vin)
+        except TimeoutError:
+            # Still not connected: the platform could not take the signal.
+            for index in self._chains_of[emission.signal]:
+                if self._tracker.chains[index].follows(emission.trace_id):
+                    self._book.unsent(index)
+            self._metrics.send_error(emission.signal, "disconnected")
+            self._book.send_error(emission.signal, "disconnected")
+            return
+        await self.emit(emission, intended_ns, held=True)
+
+    async def release(self, held: list[Held]) -> None:
+        """Send what offline vehicles held, in the order they meant to send it."""
+        for signal in held:
+            await self.emit(signal.emission, signal.intended_ns, held=True)
+
+    def _follow(self, emission: Emission, intended_ns: int, outgoing: Outgoing) -> list[int]:
         followed = [
             index
             for index in self._chains_of[emission.signal]
@@ -59,26 +116,24 @@ class Emitter:
                 outgoing.sent_wall_ns,
                 emission.fields,
             )
-        if qos == 0:
-            await self._send(outgoing, intended_ns, followed)
-            return
-        task = asyncio.create_task(self._send(outgoing, intended_ns, followed))
-        self._pending.add(task)
-        task.add_done_callback(self._acked)
+        return followed
 
     async def flush(self) -> None:
         """Wait until every QoS 1/2 send has been acknowledged or has failed."""
-        if self._pending:
+        while self._pending:  # a reconnected vehicle's send may start another wait
             await asyncio.gather(*self._pending, return_exceptions=True)
 
     def _acked(self, task: asyncio.Task[None]) -> None:
         self._pending.discard(task)
         self._unacked.release()
 
-    async def _send(self, outgoing: Outgoing, intended_ns: int, followed: list[int]) -> None:
+    async def _send(
+        self, outgoing: Outgoing, lag_ns: int | None, followed: list[int], copies: int
+    ) -> None:
         signal = outgoing.emission.signal
         try:
-            await self._publisher.send(outgoing)
+            for _ in range(copies):
+                await self._publisher.send(outgoing)
         except SendError as error:
             for index in followed:
                 if self._tracker.forget(index, outgoing.emission.trace_id):
@@ -86,6 +141,6 @@ class Emitter:
             self._metrics.send_error(signal, error.reason)
             self._book.send_error(signal, error.reason)
             return
-        lag_s = max(0.0, (outgoing.sent_ns - intended_ns) / 1e9)
+        lag_s = None if lag_ns is None else max(0.0, lag_ns / 1e9)
         self._metrics.signal_sent(signal, lag_s)
         self._book.signal_sent(signal, lag_s)
