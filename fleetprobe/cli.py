@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from fleetprobe.exit_codes import ExitCode
 from fleetprobe.scenario import ScenarioError, load_scenario
@@ -89,7 +90,12 @@ def _demo(args: argparse.Namespace) -> int:
         "processor": StageKnobs(drop_ratio=args.processor_drop),
     }
     return asyncio.run(
-        run_demo(duration_s=args.duration, metrics_listen=args.metrics_listen, knobs=knobs)
+        run_demo(
+            duration_s=args.duration,
+            metrics_listen=args.metrics_listen,
+            knobs=knobs,
+            scenario=args.scenario,
+        )
     )
 
 
@@ -212,6 +218,11 @@ def _parser() -> argparse.ArgumentParser:
         type=_ratio,
         default=0.0,
         help="share of events the testbed's processor drops (e.g. 0.2)",
+    )
+    demo.add_argument(
+        "--scenario",
+        type=Path,
+        help="run this scenario against the testbed instead of the demo (e.g. a fault drill)",
     )
     demo.set_defaults(command=_demo)
 

@@ -18,8 +18,9 @@ import simpy
 from prometheus_client import CollectorRegistry
 
 from exporters.alerts import AlertSender
+from exporters.fault_timeline import render_fault_timeline
 from exporters.health import HealthMonitor, HealthPolicy
-from exporters.junit import write_junit
+from exporters.junit import JudgedObjective, write_junit
 from exporters.live import LiveView
 from exporters.metrics import ProbeMetrics
 from exporters.report import build_report, write_json
@@ -27,10 +28,13 @@ from exporters.results import ResultBook
 from exporters.server import make_metrics_app
 from exporters.summary import render_summary
 from exporters.traces import TraceLog
+from faults.backends import BackendError
 from fleetprobe.emitter import Emitter
 from fleetprobe.exit_codes import ExitCode
+from fleetprobe.fault_rig import FaultRig
 from fleetprobe.interruption import INTERRUPT_DRAIN_S, Interruption
 from fleetprobe.objectives import Outcome, evaluate
+from fleetprobe.outcomes import ExpectedOutcome, SignalLedger, judge
 from fleetprobe.plan import make_plan
 from fleetprobe.scenario import LoadedScenario
 from probes.chains import FollowedSignal
@@ -68,6 +72,7 @@ class RunResult:
     exit_code: int
     report: dict[str, Any]
     outcomes: list[Outcome] = field(default_factory=list)
+    expectations: list[ExpectedOutcome] = field(default_factory=list)
     metrics_port: int | None = None
 
 
@@ -96,6 +101,12 @@ class _Run:
             scenario.name,
         )
         self.traces: TraceLog | None = None
+        self.faults = FaultRig(scenario.faults, scenario.name, self.registry, scenario.seed)
+        judged = {e.chain for e in scenario.expect}
+        self.ledger = SignalLedger(
+            {i for i, chain in enumerate(self.plan.chains) if chain.name in judged}
+        )
+        self.emission_start_ns: int | None = None
         self.tracker = Tracker(self.plan.chains, self)
         self.metrics.track_inflight(self.tracker.inflight)
         self.alerts: AlertSender | None = None
@@ -125,13 +136,15 @@ class _Run:
                     stack.enter_context(self.interruption.installed())
                 await self._start_alerts(stack)
                 observers = await self._start_observers(stack)
+                await self.faults.start(stack)
+                stack.push_async_callback(self.faults.stop)  # before the proxies go
                 vehicles = build_fleet(self.plan.fleet, self.options.shard)
                 publisher = await self._connect_fleet(stack, vehicles)
                 await self._emit_and_follow(vehicles, publisher, observers)
             except ListenError as error:
                 log.error("%s", error)
                 self.result.exit_code = ExitCode.BAD_SCENARIO
-            except (ConnectError, ObserverSetupError, TimeoutError) as error:
+            except (ConnectError, ObserverSetupError, BackendError, TimeoutError) as error:
                 if isinstance(error, TimeoutError):
                     error = ConnectError(
                         self.plan.broker.url,
@@ -155,6 +168,7 @@ class _Run:
     def on_verdict(self, followed: FollowedSignal) -> None:
         self.metrics.verdict(followed)
         self.book.verdict(followed)
+        self.ledger.record(followed)
         self.health.record(followed, time.monotonic_ns())
 
     def on_retired(self, followed: FollowedSignal) -> None:
@@ -221,8 +235,9 @@ class _Run:
 
     async def _connect_fleet(self, stack: AsyncExitStack, vehicles: list[Vehicle]) -> MqttPublisher:
         mqtt = self.scenario.target.mqtt
+        broker = self.faults.through(self.plan.broker, mqtt.via)
         publisher = MqttPublisher(
-            self.plan.broker,
+            broker,
             self.plan.signals,
             [v.vin for v in vehicles],
             sessions=mqtt.sessions,
@@ -231,9 +246,10 @@ class _Run:
         async with asyncio.timeout(STARTUP_TIMEOUT_S):
             await stack.enter_async_context(publisher)
         log.info(
-            "%d vehicles connected to %s; emitting for %gs",
+            "%d vehicles connected to %s%s; emitting for %gs",
             len(vehicles),
             self.plan.broker.url,
+            f" through proxy {mqtt.via} ({broker.host}:{broker.port})" if mqtt.via else "",
             self.duration_s,
         )
         return publisher
@@ -259,7 +275,11 @@ class _Run:
                 sweep_deadlines(tracker, lambda: not emitting and tracker.idle)
             )
             self.live.phase = "emitting"
-            emitter = Emitter(publisher, tracker, self.metrics, self.book)
+            emitter = Emitter(publisher, tracker, self.metrics, self.book, self.faults.fleet)
+            self.emission_start_ns = time.monotonic_ns()
+            background.append(
+                group.create_task(self.faults.run(self.emission_start_ns, publisher, emitter))
+            )
             await clock.run(self.duration_s, emitter.emit)
             await emitter.flush()  # every QoS 1/2 send is acknowledged or counted as failed
             emitting = False
@@ -288,7 +308,12 @@ class _Run:
         if result.exit_code == ExitCode.OK and self.interruption.signal_number is not None:
             result.exit_code = 128 + self.interruption.signal_number
         result.outcomes = evaluate(scenario.slo, self.book)
-        if result.exit_code == ExitCode.OK and not all(o.ok for o in result.outcomes):
+        result.expectations = judge(
+            scenario.expect, self.plan.chains, self.ledger, self.faults.times(), time.monotonic_ns()
+        )
+        self.faults.record_recoveries(result.expectations)
+        judged: list[JudgedObjective] = [*result.outcomes, *result.expectations]
+        if result.exit_code == ExitCode.OK and not all(o.ok for o in judged):
             result.exit_code = ExitCode.OBJECTIVE_FAILED
         result.report = build_report(
             self.book,
@@ -300,20 +325,23 @@ class _Run:
             objectives=[o.as_dict() for o in result.outcomes],
             health=self.health.as_report(),
         )
+        if scenario.faults.timeline:
+            result.report["faults"] = self.faults.as_report(self.emission_start_ns)
+        if scenario.expect:
+            result.report["expectations"] = [e.as_dict() for e in result.expectations]
         exporters = scenario.exporters
         if exporters.json_path:
             write_json(exporters.json_path, result.report)
         if exporters.junit:
             write_junit(
-                exporters.junit,
-                scenario.name,
-                result.outcomes,
-                (time.monotonic_ns() - started_ns) / 1e9,
+                exporters.junit, scenario.name, judged, (time.monotonic_ns() - started_ns) / 1e9
             )
         out = self.options.out
         if out is not None:
             print(render_summary(self.book, scenario.name), file=out)
-            for outcome in result.outcomes:
+            if scenario.faults.timeline:
+                print(render_fault_timeline(result.report["faults"], self.duration_s), file=out)
+            for outcome in judged:
                 print(("  ok    " if outcome.ok else "  FAIL  ") + outcome.explanation, file=out)
         return result
 

@@ -28,13 +28,32 @@ log = logging.getLogger("fleetprobe.demo")
 
 def demo_scenario_path() -> Path:
     """The shipped ``scenarios/demo.yaml``."""
-    return Path(str(resources.files("scenarios").joinpath("demo.yaml")))
+    return shipped_scenario("demo.yaml")
+
+
+def shipped_scenario(name: str) -> Path:
+    """A scenario shipped with fleetprobe, like ``drills/broker-latency.yaml``."""
+    return Path(str(resources.files("scenarios").joinpath(name)))
+
+
+def find_scenario(path: Path) -> Path:
+    """``path`` if it exists, else the shipped scenario of that name (so an installed
+    fleetprobe runs ``--scenario drills/broker-latency.yaml`` from anywhere)."""
+    if path.exists() or path.is_absolute():
+        return path
+    shipped = shipped_scenario(str(path).removeprefix("scenarios/"))
+    return shipped if shipped.exists() else path
 
 
 async def run_demo(
-    *, duration_s: float | None, metrics_listen: str, knobs: Mapping[str, StageKnobs]
+    *,
+    duration_s: float | None,
+    metrics_listen: str,
+    knobs: Mapping[str, StageKnobs],
+    scenario: Path | None = None,
 ) -> int:
-    """Run the demo with the testbed's stages set by ``knobs``; return the run's exit code."""
+    """Run the demo (or ``scenario``) against the testbed with its stages set by ``knobs``;
+    return the run's exit code."""
     from fleetprobe.run import RunOptions, run_scenario
     from fleetprobe.scenario import load_scenario
 
@@ -51,19 +70,33 @@ async def run_demo(
 
         webhook_listen = f"127.0.0.1:{free_port()}"
         webhook_secret = secrets.token_hex(16)
+        testbed_port = free_port()
+        environ = {
+            **os.environ,
+            "FLEETPROBE_MQTT_URL": f"mqtt://{host}:{port}",
+            "FLEETPROBE_MQTT_ADDRESS": f"{host}:{port}",
+            "FLEETPROBE_METRICS_LISTEN": metrics_listen,
+            "FLEETPROBE_TESTBED_URL": f"http://127.0.0.1:{testbed_port}",
+            "FLEETPROBE_WEBHOOK_LISTEN": webhook_listen,
+            "FLEETPROBE_WEBHOOK_SECRET": webhook_secret,
+        }
+        loaded = load_scenario(
+            find_scenario(scenario) if scenario else demo_scenario_path(), environ
+        )
+        # The testbed calls the webhook only when the scenario has a hop that receives it.
+        receives_webhooks = any(
+            hop.kind[0] == "webhook" for chain in loaded.scenario.chains for hop in chain.hops
+        )
+        hook_url = f"http://{webhook_listen}/hooks/telemetry"
+        webhook = WebhookTarget(hook_url, signals=("telemetry",), secret=webhook_secret)
         testbed = await stack.enter_async_context(
             Testbed(
                 BrokerTarget(host, port),
                 # Telemetry only: a door event stored as a vehicle's latest state would
                 # hide its telemetry from the state API.
                 topics=TestbedTopics(vehicles="vehicles/+/telemetry"),
-                webhooks=[
-                    WebhookTarget(
-                        f"http://{webhook_listen}/hooks/telemetry",
-                        signals=("telemetry",),
-                        secret=webhook_secret,
-                    )
-                ],
+                http_port=testbed_port,
+                webhooks=[webhook] if receives_webhooks else [],
                 knobs=knobs,
             )
         )
@@ -72,15 +105,6 @@ async def run_demo(
             testbed.url,
             testbed.url,
         )
-        environ = {
-            **os.environ,
-            "FLEETPROBE_MQTT_URL": f"mqtt://{host}:{port}",
-            "FLEETPROBE_METRICS_LISTEN": metrics_listen,
-            "FLEETPROBE_TESTBED_URL": testbed.url,
-            "FLEETPROBE_WEBHOOK_LISTEN": webhook_listen,
-            "FLEETPROBE_WEBHOOK_SECRET": webhook_secret,
-        }
-        loaded = load_scenario(demo_scenario_path(), environ)
         result = await run_scenario(loaded, RunOptions(duration_s=duration_s, out=sys.stdout))
         return result.exit_code
     raise AssertionError("unreachable")

@@ -4,9 +4,10 @@
   vehicle"}`` (404). The ``api`` knobs apply here only: a ``drop`` share of requests get
   503, the others wait the delay ± jitter, and wait while the stage is stalled.
 * ``GET /control``: every stage's knobs, as ``{"delay": s, "jitter": s, "drop": ratio,
-  "stall": seconds left}`` per stage. ``POST /control/{stage}`` with a JSON knob update
-  (``{"delay": "100ms", "jitter": 0, "drop": 0.2, "stall": "5s"}``): 200 with the stage's
-  knobs, 400 for a bad update, 404 for an unknown stage.
+  "stall": seconds left}`` per stage; ``GET /control/{stage}``: one stage's knobs.
+  ``POST /control/{stage}`` with a JSON knob update (``{"delay": "100ms", "jitter": 0,
+  "drop": 0.2, "stall": "5s"}``): 200 with the stage's knobs, 400 for a bad update, 404
+  for an unknown stage.
 * ``GET /stats``: the counts of every stage. ``GET /healthz``: ``{"status": "ok"}``.
 
 Control, stats and health never wait for the api knobs, so a stalled API can be un-stalled.
@@ -50,6 +51,7 @@ def create_app(
     app[_COUNTERS] = counters
     app.router.add_get("/vehicles/{vin}", _vehicle)
     app.router.add_get("/control", _control)
+    app.router.add_get("/control/{stage}", _stage_control)
     app.router.add_post("/control/{stage}", _update_control)
     app.router.add_get("/stats", _stats)
     app.router.add_get("/healthz", _healthz)
@@ -84,11 +86,26 @@ async def _control(request: web.Request) -> web.Response:
     return web.json_response({stage: knobs[stage].as_dict() for stage in STAGES})
 
 
-async def _update_control(request: web.Request) -> web.Response:
-    stage = request.match_info["stage"]
-    knobs = request.app[_KNOBS].get(stage)
+async def _stage_control(request: web.Request) -> web.Response:
+    knobs = _stage_knobs(request)
     if knobs is None:
-        return _error(404, f"unknown stage {stage!r}: expected one of {', '.join(STAGES)}")
+        return _unknown_stage(request)
+    return web.json_response(knobs.as_dict())
+
+
+def _stage_knobs(request: web.Request) -> StageKnobs | None:
+    return request.app[_KNOBS].get(request.match_info["stage"])
+
+
+def _unknown_stage(request: web.Request) -> web.Response:
+    stage = request.match_info["stage"]
+    return _error(404, f"unknown stage {stage!r}: expected one of {', '.join(STAGES)}")
+
+
+async def _update_control(request: web.Request) -> web.Response:
+    knobs = _stage_knobs(request)
+    if knobs is None:
+        return _unknown_stage(request)
     try:
         data: Any = json.loads(await request.read())
     except ValueError as error:  # UnicodeDecodeError is a ValueError too

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from fleetprobe.scenario.faults import target_of
 from fleetprobe.scenario.models import Scenario
 from transport.mqtt import make_tls_context
 
@@ -55,6 +57,8 @@ def cross_check(scenario: Scenario, base_dir: Path | None) -> Iterator[Finding]:
         elif objective.hop is not None and objective.hop not in {h.name for h in judged.hops}:
             yield ("slo", i, "hop"), f"chain '{judged.name}' has no hop '{objective.hop}'"
 
+    yield from _check_faults(scenario)
+
     if scenario.target.mqtt.protocol == "3.1.1":
         for i, chain in enumerate(scenario.chains):
             for j, hop in enumerate(chain.hops):
@@ -80,6 +84,73 @@ def cross_check(scenario: Scenario, base_dir: Path | None) -> Iterator[Finding]:
                 )
             except (ssl.SSLError, OSError, ValueError) as error:
                 yield ("target", "mqtt", "tls"), f"unusable TLS files: {error}"
+
+
+def _check_faults(scenario: Scenario) -> Iterator[Finding]:
+    """Fault targets, the fleet's proxy and the expected outcomes name what exists."""
+    faults = scenario.faults
+    proxies = {p.name for p in faults.proxies}
+    yield from _unique(("faults", "proxies"), [p.name for p in faults.proxies])
+    via = scenario.target.mqtt.via
+    if via is not None and via not in proxies:
+        yield (
+            ("target", "mqtt", "via"),
+            f"unknown proxy '{via}'; faults.proxies: {', '.join(sorted(proxies)) or 'none'}",
+        )
+    if faults.backend == "toxiproxy":
+        parts = urlsplit(faults.toxiproxy)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            yield (
+                ("faults", "toxiproxy"),
+                "must be the Toxiproxy API's URL, like http://127.0.0.1:8474",
+            )
+    labels = [f.label for f in faults.timeline]
+    seen: set[str] = set()
+    for i, (fault, label) in enumerate(zip(faults.timeline, labels, strict=True)):
+        where: tuple[str | int, ...] = ("faults", "timeline", i)
+        if label in seen:
+            yield (*where, "name"), f"two faults are called '{label}': give each a name"
+        seen.add(label)
+        kind = target_of(fault.kind)
+        if kind == "proxy" and fault.target not in proxies:
+            yield (
+                (*where, "target"),
+                f"unknown proxy '{fault.target}' (a {fault.kind} fault acts on a proxy); "
+                "faults.proxies: "
+                f"{', '.join(sorted(proxies)) or 'none'}",
+            )
+        elif kind == "fleet" and fault.target != "fleet":
+            yield (*where, "target"), f"a {fault.kind} fault acts on the fleet: target: fleet"
+        if fault.end > scenario.duration:
+            yield (
+                (*where, "for" if fault.for_ else "at"),
+                f"the fault ends at {fault.end:g}s, after the run's duration "
+                f"({scenario.duration:g}s)",
+            )
+
+    chains = {c.name: c for c in scenario.chains}
+    for i, expected in enumerate(scenario.expect):
+        where = ("expect", i)
+        if expected.fault not in seen:
+            yield (
+                (*where, "fault"),
+                f"unknown fault '{expected.fault}'; faults: {', '.join(labels) or 'none'}",
+            )
+        chain = chains.get(expected.chain)
+        if chain is None:
+            yield (
+                (*where, "chain"),
+                f"unknown chain '{expected.chain}'; chains: {', '.join(chains) or 'none'}",
+            )
+            continue
+        hops = [h.name for h in chain.hops]
+        for key in ("hop", "fails_at"):
+            hop = getattr(expected, key)
+            if hop is not None and hop not in hops:
+                yield (
+                    (*where, key),
+                    f"chain '{chain.name}' has no hop '{hop}'; hops: {', '.join(hops)}",
+                )
 
 
 def _unique(where: tuple[str | int, ...], names: list[str]) -> Iterator[Finding]:

@@ -21,7 +21,8 @@ from pydantic_core import ErrorDetails
 
 from fleetprobe.scenario.checks import cross_check
 from fleetprobe.scenario.interpolation import interpolate
-from fleetprobe.scenario.models import NAME_PATTERN, Scenario
+from fleetprobe.scenario.messages import error_message
+from fleetprobe.scenario.models import Scenario
 from fleetprobe.scenario.yaml_tree import YamlTree, read_yaml
 from transport.errors import FleetprobeError
 
@@ -152,36 +153,11 @@ def _problem_of(error: ErrorDetails, tree: YamlTree, filename: str) -> Problem:
             filename,
             *tree.position(path, key=True),
             _breadcrumb(tree, path),
-            "this name " + _message(error),
+            "this name " + error_message(error),
         )
     # Errors of ours that know where inside the value they are (a template in a payload).
     path += tuple(getattr((error.get("ctx") or {}).get("error"), "path", ()))
-    return Problem(filename, *_place(tree, path), _breadcrumb(tree, path), _message(error))
-
-
-def _message(error: ErrorDetails) -> str:
-    """Pydantic's message for ``error``, in the words of this format."""
-    kind, message = error["type"], error["msg"]
-    context = error.get("ctx") or {}
-    if kind == "alternatives":
-        message = f"must be {context['choices']}"
-    elif kind == "string_pattern_mismatch" and context.get("pattern") == NAME_PATTERN:
-        message = (
-            "must start with a letter or digit and hold only letters, digits, '_', '.' and '-'"
-        )
-    elif kind == "too_long":
-        message = f"has too many items (at most {context.get('max_length')})"
-    elif kind in _BOUNDS:
-        message = f"must be {_BOUNDS[kind]} {context.get(_BOUND_KEYS[kind])}"
-    elif kind == "value_error":
-        message = message.removeprefix("Value error, ")
-    elif kind == "assertion_error":
-        message = message.removeprefix("Assertion failed, ")
-    elif message.startswith("Input should be"):
-        message = "must be" + message.removeprefix("Input should be")
-    elif kind == "too_short":
-        message = f"needs at least {context.get('min_length')} item(s)"
-    return message
+    return Problem(filename, *_place(tree, path), _breadcrumb(tree, path), error_message(error))
 
 
 def _place(tree: YamlTree, path: tuple[Any, ...]) -> tuple[int, int]:
@@ -226,20 +202,6 @@ def _merge_alternatives(errors: list[ErrorDetails]) -> list[ErrorDetails]:
             members[0] if len(members) == 1 else ", ".join(members[:-1]) + " or " + members[-1]
         )
     return merged
-
-
-_BOUNDS = {
-    "greater_than": ">",
-    "greater_than_equal": ">=",
-    "less_than": "<",
-    "less_than_equal": "<=",
-}
-_BOUND_KEYS = {
-    "greater_than": "gt",
-    "greater_than_equal": "ge",
-    "less_than": "lt",
-    "less_than_equal": "le",
-}
 
 
 def _breadcrumb(tree: YamlTree, path: tuple[Any, ...]) -> str:

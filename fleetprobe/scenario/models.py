@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from fleetprobe.scenario.faults import ExpectConfig, FaultsConfig
+from fleetprobe.scenario.messages import NAME_PATTERN
 from probes.config import Duration, PathText, parse_duration
 from probes.observers import hop_kinds
 from simulator.fleet import SIGNAL_FIELDS, TOPIC_FIELDS
@@ -33,7 +35,6 @@ from transport.servers import split_listen
 from transport.topics import check_topic_name
 
 PositiveDuration = Annotated[Duration, Field(gt=0)]
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 _JITTER_PERCENT = re.compile(r"(\d+(?:\.\d*)?)%")
 
@@ -73,6 +74,7 @@ class MqttTargetConfig(Strict):
     sessions: Literal["per_vehicle", "pooled"] = "per_vehicle"
     pool: int = Field(4, ge=1, le=10_000)
     keepalive: PositiveDuration = 30.0
+    via: str | None = Field(None, description="the proxy (faults.proxies) the fleet goes through")
 
     @field_validator("url")
     @classmethod
@@ -323,4 +325,6 @@ class Scenario(Strict):
     slo: list[ObjectiveConfig] = Field(default_factory=list)
     health: HealthConfig = Field(default_factory=HealthConfig)
     alerts: list[Annotated[str, AfterValidator(_alert_url)]] = Field(default_factory=list)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    expect: list[ExpectConfig] = Field(default_factory=list)
     exporters: ExportersConfig = ExportersConfig()
