@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import uuid
@@ -13,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from fleetprobe.run import RunOptions, RunResult, run_scenario
+from fleetprobe.scenario import load_scenario
 from testbed.mosquitto import MosquittoProcess
 from transport.mqtt import BrokerTarget, parse_broker_url
 
@@ -110,3 +113,30 @@ async def finish(
         out, err = await process.communicate()
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+async def run_scenario_dict(
+    tmp_path: Path, scenario: dict[str, Any], timeout_s: float = 90
+) -> RunResult:
+    """Write ``scenario`` into ``tmp_path`` and run it in this loop, bounded in time."""
+    loaded = load_scenario(write_scenario(tmp_path / "scenario.yaml", scenario))
+    async with asyncio.timeout(timeout_s):
+        return await run_scenario(loaded, RunOptions(handle_signals=False))
+
+
+def read_traces(tmp_path: Path) -> list[dict[str, Any]]:
+    """The lines of ``tmp_path/traces.jsonl``."""
+    text = (tmp_path / "traces.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A TCP echo server's connection handler."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()

@@ -14,23 +14,16 @@ import aiohttp
 import pytest
 import toxiproxy  # type: ignore[import-untyped]
 
-from conftest import finish, fleetprobe
+from conftest import echo, finish, fleetprobe
 from faults.api import make_app
 from faults.proxy import ProxySet
 from testbed.mosquitto import free_port
 from transport.servers import serve, split_listen
 
 
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
-
-
 @pytest.fixture
 async def echo_port() -> AsyncIterator[int]:
-    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
     yield server.sockets[0].getsockname()[1]
     server.close()
 
@@ -205,7 +198,7 @@ async def test_bad_json_is_a_400_with_toxiproxy_error_body(
 async def test_a_port_in_use_is_a_500_naming_the_address(
     api: tuple[str, aiohttp.ClientSession], echo_port: int
 ) -> None:
-    taken = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    taken = await asyncio.start_server(echo, "127.0.0.1", 0)
     port = taken.sockets[0].getsockname()[1]
     status, body = await call(
         api,

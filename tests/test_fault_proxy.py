@@ -11,26 +11,16 @@ from typing import Any
 
 import pytest
 
+from conftest import echo
 from faults.proxy import Proxy, ProxyError, ProxySet
 from faults.toxics import ToxicSpec
 from transport.servers import split_listen
 
 
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
-
 @asynccontextmanager
 async def echo_proxy(seed: int = 1) -> AsyncIterator[Proxy]:
     """A proxy in front of an echo server, both on free loopback ports."""
-    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     proxies = ProxySet(seed=seed)
     try:

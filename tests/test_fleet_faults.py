@@ -9,9 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from conftest import scenario_dict, write_scenario
-from fleetprobe.run import RunOptions, RunResult, run_scenario
-from fleetprobe.scenario import load_scenario
+from conftest import read_traces, run_scenario_dict, scenario_dict
+from fleetprobe.run import RunResult
 from transport.mqtt import BrokerTarget, MqttSession
 
 
@@ -27,16 +26,6 @@ def with_fault(broker_url: str, prefix: str, tmp_path: Path, **fault: Any) -> di
     return scenario
 
 
-async def run(tmp_path: Path, scenario: dict[str, Any]) -> RunResult:
-    loaded = load_scenario(write_scenario(tmp_path / "scenario.yaml", scenario))
-    async with asyncio.timeout(60):
-        return await run_scenario(loaded, RunOptions(handle_signals=False))
-
-
-def traces(tmp_path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (tmp_path / "traces.jsonl").read_text().splitlines()]
-
-
 def seconds(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
@@ -49,7 +38,9 @@ def affected(result: RunResult) -> int:
 async def test_malformed_signals_are_sent_unfollowed_and_counted_where_seen(
     tmp_path: Path, broker_url: str, prefix: str
 ) -> None:
-    result = await run(tmp_path, with_fault(broker_url, prefix, tmp_path, kind="malformed"))
+    result = await run_scenario_dict(
+        tmp_path, with_fault(broker_url, prefix, tmp_path, kind="malformed")
+    )
     sent = result.report["signals"]["telemetry"]["sent"]
     chain = result.report["chains"]["telemetry"]
     broken = affected(result)
@@ -61,7 +52,9 @@ async def test_malformed_signals_are_sent_unfollowed_and_counted_where_seen(
 async def test_duplicates_show_as_duplicates_and_change_no_verdict(
     tmp_path: Path, broker_url: str, prefix: str
 ) -> None:
-    result = await run(tmp_path, with_fault(broker_url, prefix, tmp_path, kind="duplicate"))
+    result = await run_scenario_dict(
+        tmp_path, with_fault(broker_url, prefix, tmp_path, kind="duplicate")
+    )
     chain = result.report["chains"]["telemetry"]
     assert chain["ok"] == chain["followed"] == result.report["signals"]["telemetry"]["sent"]
     assert chain["hops"]["broker"]["duplicates"] == affected(result) >= 30
@@ -71,8 +64,8 @@ async def test_offline_vehicles_send_what_they_held_when_back(
     tmp_path: Path, broker_url: str, prefix: str
 ) -> None:
     scenario = with_fault(broker_url, prefix, tmp_path, kind="offline", share=0.5)
-    result = await run(tmp_path, scenario)
-    lines = traces(tmp_path)
+    result = await run_scenario_dict(tmp_path, scenario)
+    lines = read_traces(tmp_path)
     window = result.report["faults"][0]
     start, end = seconds(window["applied_at"]), seconds(window["reverted_at"])
     offline = {
@@ -103,7 +96,7 @@ async def test_clock_skew_moves_the_payload_times_only(
     scenario = with_fault(broker_url, prefix, tmp_path, kind="clock_skew", skew="-30s")
     async with MqttSession(broker) as watcher:
         await watcher.subscribe([f"{prefix}/#"])
-        result = await run(tmp_path, scenario)
+        result = await run_scenario_dict(tmp_path, scenario)
         payload_sent_at = {}
         async with asyncio.timeout(10):
             async for message in watcher.messages():
@@ -112,7 +105,8 @@ async def test_clock_skew_moves_the_payload_times_only(
                 if len(payload_sent_at) == result.report["signals"]["telemetry"]["sent"]:
                     break
     offsets = [
-        payload_sent_at[line["trace_id"]] - seconds(line["sent_at"]) for line in traces(tmp_path)
+        payload_sent_at[line["trace_id"]] - seconds(line["sent_at"])
+        for line in read_traces(tmp_path)
     ]
     skewed = [offset for offset in offsets if offset < -29]
     assert len(skewed) == affected(result) >= 30

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,9 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from conftest import scenario_dict, write_scenario
-from fleetprobe.run import RunOptions, RunResult, run_scenario
-from fleetprobe.scenario import load_scenario
+from conftest import read_traces, run_scenario_dict, scenario_dict
 from probes.tracker import ORDER_TOLERANCE_S
 from testbed.knobs import StageKnobs
 from testbed.mosquitto import free_port
@@ -92,18 +89,6 @@ def scenario_for(
     return scenario
 
 
-async def run(tmp_path: Path, scenario: dict[str, Any]) -> RunResult:
-    """Run ``scenario`` in this loop, bounded in time."""
-    loaded = load_scenario(write_scenario(tmp_path / "scenario.yaml", scenario))
-    async with asyncio.timeout(90):
-        return await run_scenario(loaded, RunOptions(handle_signals=False))
-
-
-def traces(tmp_path: Path) -> list[dict[str, Any]]:
-    """The run's trace log."""
-    return [json.loads(line) for line in (tmp_path / "traces.jsonl").read_text().splitlines()]
-
-
 async def test_every_hop_kind_reports_latency_along_the_chain(
     tmp_path: Path, broker_url: str, broker: BrokerTarget, prefix: str
 ) -> None:
@@ -113,8 +98,8 @@ async def test_every_hop_kind_reports_latency_along_the_chain(
         scenario = scenario_for(
             broker_url, prefix, tmp_path, hook_port, chain_through(prefix, testbed.url)
         )
-        result = await run(tmp_path, scenario)
-    lines = traces(tmp_path)
+        result = await run_scenario_dict(tmp_path, scenario)
+    lines = read_traces(tmp_path)
     chain = result.report["chains"]["telemetry-to-api"]
     assert chain["followed"] == len(lines) == chain["ok"] >= 90
     for line in lines:
@@ -151,8 +136,8 @@ async def test_a_dropping_processor_is_named_as_where_the_chain_breaks(
             chain_through(prefix, testbed.url, api_within="1s"),
             fleet=fleet,
         )
-        result = await run(tmp_path, scenario)
-    lines = traces(tmp_path)
+        result = await run_scenario_dict(tmp_path, scenario)
+    lines = read_traces(tmp_path)
     n = len(lines)
     failed = [line for line in lines if line["verdict"] == "failed"]
     ratio = len(failed) / n
@@ -200,7 +185,7 @@ async def test_a_stalled_state_api_goes_down_and_up_with_alerts(
                 health={"window": "2s", "min_success_ratio": 0.9},
                 alerts=[f"http://127.0.0.1:{receiver_port}/alerts"],
             )
-            running = asyncio.create_task(run(tmp_path, scenario))
+            running = asyncio.create_task(run_scenario_dict(tmp_path, scenario))
             async with asyncio.timeout(20):  # let the API serve for a while, then stall it
                 await testbed.counters.wait_for(lambda: testbed.counters.get("api", "served") >= 20)
             testbed.knobs["api"].stall_for(5.0)

@@ -10,9 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from conftest import scenario_dict, write_scenario
-from fleetprobe.run import RunOptions, RunResult, run_scenario
-from fleetprobe.scenario import load_scenario
+from conftest import read_traces, run_scenario_dict, scenario_dict
 from testbed.gateway import Gateway
 from testbed.knobs import StageKnobs
 from transport.mqtt import BrokerTarget, MqttSession
@@ -49,13 +47,6 @@ def with_outputs(scenario: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     return scenario
 
 
-async def run(tmp_path: Path, scenario: dict[str, Any]) -> RunResult:
-    """Run ``scenario`` in this event loop (no signal handlers), bounded in time."""
-    loaded = load_scenario(write_scenario(tmp_path / "scenario.yaml", scenario))
-    async with asyncio.timeout(60):
-        return await run_scenario(loaded, RunOptions(handle_signals=False))
-
-
 @asynccontextmanager
 async def gateway(broker: BrokerTarget, prefix: str, **knobs: float) -> AsyncIterator[Gateway]:
     """The testbed gateway from ``prefix/vehicles/+/telemetry`` to ``prefix/events/{vin}``."""
@@ -75,12 +66,6 @@ async def gateway(broker: BrokerTarget, prefix: str, **knobs: float) -> AsyncIte
         task.cancel()
 
 
-def trace_lines(tmp_path: Path) -> list[dict[str, Any]]:
-    """The run's trace log."""
-    text = (tmp_path / "traces.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines()]
-
-
 async def test_every_followed_signal_gets_one_verdict_and_one_trace_line(
     tmp_path: Path, broker_url: str, broker: BrokerTarget, prefix: str
 ) -> None:
@@ -89,11 +74,11 @@ async def test_every_followed_signal_gets_one_verdict_and_one_trace_line(
         scenario_dict(broker_url, prefix, chains=[gateway_chain(prefix)]), tmp_path
     )
     async with gateway(broker, prefix):
-        result = await run(tmp_path, scenario)
+        result = await run_scenario_dict(tmp_path, scenario)
     report = json.loads((tmp_path / "report.json").read_text())
     chain = report["chains"]["through-gateway"]
     sent = report["signals"]["telemetry"]["sent"]
-    lines = trace_lines(tmp_path)
+    lines = read_traces(tmp_path)
     assert result.exit_code == 0
     assert sent >= 90  # 10 vehicles, every 200 ms, for 2 s
     assert chain["followed"] == sent == len(lines) == chain["ok"]
@@ -126,8 +111,8 @@ async def test_a_silent_hop_times_out_for_every_signal_at_that_hop(
     """A hop whose topic never gets a message: every chain fails there, with timeout."""
     chain = gateway_chain(prefix)  # no gateway runs, so the second hop sees nothing
     scenario = with_outputs(scenario_dict(broker_url, prefix, chains=[chain]), tmp_path)
-    result = await run(tmp_path, scenario)
-    lines = trace_lines(tmp_path)
+    result = await run_scenario_dict(tmp_path, scenario)
+    lines = read_traces(tmp_path)
     assert lines and all(line["failed_hop"] == "gateway" for line in lines)
     assert all(line["hops"]["gateway"] == {"result": "timeout"} for line in lines)
     assert all(line["hops"]["broker"]["result"] == "ok" for line in lines)
@@ -142,8 +127,8 @@ async def test_gateway_delay_shows_as_the_step_latency_of_its_hop(
         scenario_dict(broker_url, prefix, chains=[gateway_chain(prefix)]), tmp_path
     )
     async with gateway(broker, prefix, delay_s=0.100):
-        await run(tmp_path, scenario)
-    steps = [line["hops"]["gateway"]["step_s"] for line in trace_lines(tmp_path)]
+        await run_scenario_dict(tmp_path, scenario)
+    steps = [line["hops"]["gateway"]["step_s"] for line in read_traces(tmp_path)]
     assert len(steps) >= 90
     assert abs(statistics.median(steps) - 0.100) <= 0.005
 
@@ -155,8 +140,8 @@ async def test_expectations_mark_a_changed_value_invalid(
     chain = gateway_chain(prefix, expect={"$.vin": "{vin}", "$.speed_kmh": "{vin}"})
     scenario = with_outputs(scenario_dict(broker_url, prefix, chains=[chain]), tmp_path)
     async with gateway(broker, prefix):
-        await run(tmp_path, scenario)
-    lines = trace_lines(tmp_path)
+        await run_scenario_dict(tmp_path, scenario)
+    lines = read_traces(tmp_path)
     assert lines and all(line["hops"]["gateway"]["result"] == "invalid" for line in lines)
     assert lines[0]["hops"]["gateway"]["detail"].startswith("$.speed_kmh: expected '")
 
@@ -185,7 +170,7 @@ async def test_malformed_downstream_messages_are_counted_not_fatal(
 
     async with gateway(broker, prefix):
         sprayer = asyncio.create_task(spray())
-        result = await run(tmp_path, scenario)
+        result = await run_scenario_dict(tmp_path, scenario)
         await sprayer
     unmatched = result.report["chains"]["through-gateway"]["hops"]["gateway"]["unmatched"]
     assert set(unmatched) == {"not_json", "no_trace_id", "bad_trace_id", "unknown_trace_id"}
@@ -201,6 +186,8 @@ async def test_same_seed_sends_the_same_signals(
     for n in (1, 2):
         folder = tmp_path / f"run{n}"
         folder.mkdir()
-        await run(folder, with_outputs(scenario_dict(broker_url, prefix, duration="1s"), folder))
-        runs.append([(line["trace_id"], line["vin"]) for line in trace_lines(folder)])
+        await run_scenario_dict(
+            folder, with_outputs(scenario_dict(broker_url, prefix, duration="1s"), folder)
+        )
+        runs.append([(line["trace_id"], line["vin"]) for line in read_traces(folder)])
     assert runs[0] == runs[1] and len(runs[0]) >= 40
