@@ -65,6 +65,9 @@ def _error_body(message: str, status: int, **extra: Any) -> web.Response:
 
 @web.middleware
 async def _errors_as_toxiproxy_does(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.headers.get("User-Agent", "").startswith("Mozilla/"):
+        # As Toxiproxy: a web page must not reach a local API through the user's browser.
+        return web.Response(status=403, text="User agent not allowed\n")
     try:
         return await handler(request)
     except ProxyError as error:

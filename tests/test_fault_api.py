@@ -209,3 +209,14 @@ async def test_a_port_in_use_is_a_500_naming_the_address(
     taken.close()
     assert status == 500
     assert body["error"].startswith(f"listen tcp 127.0.0.1:{port}: bind: address already in use")
+
+
+async def test_browsers_are_refused_as_by_toxiproxy(
+    api: tuple[str, aiohttp.ClientSession],
+) -> None:
+    """A web page must not drive a local proxy API through the user's browser."""
+    base, session = api
+    browser = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0"}
+    async with session.post(base + "/reset", headers=browser) as response:
+        assert response.status == 403
+        assert await response.text() == "User agent not allowed\n"
