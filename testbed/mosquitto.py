@@ -31,6 +31,7 @@ class MosquittoProcess:
     """A mosquitto subprocess with its own config: 127.0.0.1, a free port, anonymous access.
 
     ``listener_options`` are lines added to the listener (``cafile``, ``certfile``, ... for TLS).
+    ``users`` (name to password) turns anonymous access off and lets only them in.
 
     ``set_tcp_nodelay`` is on: without it the broker's small writes wait for Nagle's
     algorithm and p99.9 latency jumps to ~40 ms on loopback.
@@ -43,6 +44,7 @@ class MosquittoProcess:
         port: int = 0,
         *,
         listener_options: str = "",
+        users: dict[str, str] | None = None,
     ) -> None:
         found = binary or mosquitto_path()
         if found is None:
@@ -53,6 +55,7 @@ class MosquittoProcess:
         self.host = host
         self.port = port or free_port(host)
         self.listener_options = listener_options
+        self.users = users
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -65,10 +68,19 @@ class MosquittoProcess:
         """Start the broker and return once it accepts connections."""
         self._dir = tempfile.TemporaryDirectory(prefix="fleetprobe-mosquitto-")
         config = Path(self._dir.name) / "mosquitto.conf"
+        access = "allow_anonymous true\n"
+        if self.users is not None:
+            passwords = Path(self._dir.name) / "passwords"
+            passwords.write_text("".join(f"{u}:{p}\n" for u, p in self.users.items()))
+            subprocess.run(["mosquitto_passwd", "-U", str(passwords)], check=True)
+            # Started as root, mosquitto reads it after dropping to its own user.
+            Path(self._dir.name).chmod(0o755)
+            passwords.chmod(0o644)
+            access = f"allow_anonymous false\npassword_file {passwords}\n"
         config.write_text(
             f"listener {self.port} {self.host}\n"
             f"{self.listener_options}\n"
-            "allow_anonymous true\n"
+            f"{access}"
             "set_tcp_nodelay true\n"
             "persistence false\n"
             "max_queued_messages 100000\n"

@@ -23,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
 from testbed.broker import EmbeddedBroker
-from testbed.mqtt_codec import (
+from transport.mqtt_codec import (
     MAX_VARINT,
     Ack,
     FrameDecoder,

@@ -11,7 +11,7 @@ from faults.mqtt_frames import (
     inspect_publish,
     with_dup_flag,
 )
-from testbed.mqtt_codec import MQTT_5, PropertyId, Publish, encode_publish
+from transport.mqtt_codec import MQTT_5, PropertyId, Publish, encode_publish
 
 
 def connect_packet(client_id: str, level: int) -> bytes:

@@ -1,10 +1,17 @@
-"""The MQTT client boundary: the one module that imports aiomqtt (and paho under it).
+"""The MQTT client boundary: one asyncio protocol speaking MQTT 5 and 3.1.1 to the broker.
 
-A :class:`MqttSession` is one connection to the broker. It publishes with MQTT 5
-properties when the protocol allows them, confirms subscriptions with the broker's
-SUBACK codes, and yields :class:`InboundMessage` values stamped with the monotonic time
-at which the client parsed them, before they wait in any queue. aiomqtt and paho errors
-are translated here into :mod:`transport.errors`.
+A :class:`MqttSession` is one connection. It publishes with MQTT 5 properties when the
+protocol allows them (QoS 1 and 2 wait for the broker's acknowledgements), confirms
+subscriptions with the broker's SUBACK codes, keeps the connection alive with PINGREQ, and
+yields :class:`InboundMessage` values stamped with the monotonic time at which their bytes
+came off the socket, before they wait in any queue. Socket, TLS and protocol errors are
+translated here into :mod:`transport.errors`.
+
+Why not a general-purpose client library: on the prober's hot paths (the fleet's publishes,
+the observers' receive loop) aiomqtt over paho costs ~50 µs of CPU per message and stamps
+arrivals only after paho's own parsing; the probe must follow tens of thousands of signals
+per second on one core, and its receive stamp is what every hop latency is measured by.
+``bench/run.py`` measures both side by side.
 """
 
 from __future__ import annotations
@@ -12,21 +19,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
-import aiomqtt
-import paho.mqtt.client as paho
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from transport.errors import ConnectError, NotAuthorizedError, SendError
+from transport.mqtt_codec import (
+    MQTT_5,
+    MQTT_311,
+    Ack,
+    Connack,
+    Connect,
+    Disconnect,
+    FrameDecoder,
+    MqttError,
+    PacketType,
+    Properties,
+    PropertyId,
+    Publish,
+    Suback,
+    Subscribe,
+    SubscriptionRequest,
+    decode_server_packet,
+    encode_ack,
+    encode_connect,
+    encode_pingreq,
+    encode_subscribe,
+    encode_varint,
+    get_int_property,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +62,12 @@ ProtocolName = Literal["5", "3.1.1"]
 
 # CONNACK codes that mean "wrong credentials": retrying cannot help.
 _NOT_AUTHORIZED_CODES = {4, 5, 134, 135}
-# Nagle's algorithm holds small writes back for up to ~40 ms on loopback.
-_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_MAX_PACKET_SIZE = 268_435_460  # the protocol's own limit: a 4-byte remaining length
+_MAX_TOPIC_BYTES = 65_535
+# MQTT 3.1.1 has no Receive Maximum: keep to Mosquitto's default in-flight window (paho's
+# too), past which a broker may drop incoming QoS 2 messages.
+_DEFAULT_RECEIVE_MAXIMUM = 20
+_SESSION_TAKEN_OVER = 0x8E
 
 
 @dataclass(frozen=True)
@@ -90,7 +122,7 @@ class InboundMessage:
     """A message as the observer sees it.
 
     Attributes:
-        seen_ns: ``time.monotonic_ns()`` when the client parsed the packet.
+        seen_ns: ``time.monotonic_ns()`` when its bytes were read from the socket.
     """
 
     topic: str
@@ -102,64 +134,167 @@ class InboundMessage:
     subscription_ids: tuple[int, ...] = ()  # MQTT 5: which subscriptions matched it
 
 
-class _StampingClient(aiomqtt.Client):
-    """aiomqtt's client with a receive stamp taken in paho's callback.
+class _Connection(asyncio.Protocol):
+    """The bytes of one MQTT connection: frames in, packets out, flow control.
 
-    Stamping when the application dequeues would add queueing delay to every hop's
-    latency; paho calls ``_on_message`` as soon as the packet is parsed.
+    Everything runs in ``data_received`` on the event loop, so an arrival is stamped
+    before any other work; received PUBLISH packets are acknowledged here as well.
     """
 
-    inbound: asyncio.Queue[InboundMessage]
-    inbound_dropped: int
+    def __init__(self, level: int, inbound_limit: int) -> None:
+        self.level = level
+        self.transport: asyncio.Transport | None = None
+        self._decoder = FrameDecoder(_MAX_PACKET_SIZE)
+        loop = asyncio.get_running_loop()
+        self.connack: asyncio.Future[Connack] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.close_reason = "connection lost"
+        self.acks: dict[int, asyncio.Future[Ack]] = {}
+        self.subacks: dict[int, asyncio.Future[Suback]] = {}
+        self.inbound: deque[InboundMessage] = deque()
+        self.inbound_limit = inbound_limit
+        self.inbound_dropped = 0
+        self.inbound_waiter: asyncio.Future[None] | None = None
+        self._qos2_received: set[int] = set()
+        self._writable: asyncio.Future[None] | None = None
+        self.last_write_ns = self.last_read_ns = time.monotonic_ns()
 
-    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        seen_ns = time.monotonic_ns()
-        props = getattr(message, "properties", None)
-        user_properties: tuple[tuple[str, str], ...] = ()
-        correlation: bytes | None = None
-        subscription_ids: tuple[int, ...] = ()
-        if props is not None:
-            user_properties = tuple(getattr(props, "UserProperty", ()))
-            correlation = getattr(props, "CorrelationData", None)
-            subscription_ids = tuple(getattr(props, "SubscriptionIdentifier", ()))
-        inbound = InboundMessage(
-            message.topic,
-            bytes(message.payload),
-            bool(message.retain),
-            user_properties,
-            correlation,
-            seen_ns,
-            subscription_ids,
-        )
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Nagle's algorithm holds small writes back for up to ~40 ms on loopback.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        seen_ns = self.last_read_ns = time.monotonic_ns()
+        decoder = self._decoder
+        decoder.feed(data)
         try:
-            self.inbound.put_nowait(inbound)
-        except asyncio.QueueFull:
+            while (raw := decoder.next_packet()) is not None:
+                packet = decode_server_packet(raw.first_byte, raw.body, self.level)
+                if isinstance(packet, Publish):
+                    self._on_publish(packet, seen_ns)
+                else:
+                    self._on_control(packet)
+        except MqttError as error:
+            self.abort(f"the broker sent a malformed packet ({error})")
+        except SendError:
+            pass  # closing: the acknowledgement cannot go out, and the broker will resend
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.close_reason == "connection lost":
+            self.close_reason = f"connection lost ({exc})"
+        lost = SendError(f"not sent: {self.close_reason}", reason="disconnected")
+        waiting: list[asyncio.Future[Ack]] | list[asyncio.Future[Suback]]
+        for waiting in (list(self.acks.values()), list(self.subacks.values())):
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(lost)
+        if not self.connack.done():
+            self.connack.set_exception(ConnectionResetError(self.close_reason))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._wake_reader()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    # Sending
+
+    def write(self, data: bytes) -> None:
+        """Hand bytes to the socket (buffered by asyncio when the socket is full)."""
+        if self.transport is None or self.transport.is_closing():
+            raise SendError(f"not sent: {self.close_reason}", reason="disconnected")
+        self.transport.write(data)
+        self.last_write_ns = time.monotonic_ns()
+
+    async def writable(self) -> None:
+        """Return once the send buffer is below its high-water mark again."""
+        if self._writable is not None:
+            await self._writable
+
+    def abort(self, reason: str) -> None:
+        """Close at once (no DISCONNECT): the peer broke the protocol or went silent."""
+        self.close_reason = reason
+        if self.transport is not None:
+            self.transport.abort()
+
+    # Receiving
+
+    def _on_publish(self, packet: Publish, seen_ns: int) -> None:
+        if packet.qos == 2:
+            packet_id = packet.packet_id or 0
+            self.write(encode_ack(PacketType.PUBREC, packet_id, self.level))
+            if packet_id in self._qos2_received:
+                return  # a resend before our PUBREC arrived: delivered once already
+            self._qos2_received.add(packet_id)
+        elif packet.qos == 1:
+            self.write(encode_ack(PacketType.PUBACK, packet.packet_id or 0, self.level))
+        if len(self.inbound) >= self.inbound_limit:
             self.inbound_dropped += 1
+            return
+        user_properties: list[tuple[str, str]] = []
+        correlation: bytes | None = None
+        subscription_ids: list[int] = []
+        for key, value in packet.properties:
+            if key == PropertyId.USER_PROPERTY and isinstance(value, tuple):
+                user_properties.append(value)
+            elif key == PropertyId.CORRELATION_DATA and isinstance(value, bytes):
+                correlation = value
+            elif key == PropertyId.SUBSCRIPTION_IDENTIFIER and isinstance(value, int):
+                subscription_ids.append(value)
+        self.inbound.append(
+            InboundMessage(
+                packet.topic,
+                packet.payload,
+                packet.retain,
+                tuple(user_properties),
+                correlation,
+                seen_ns,
+                tuple(subscription_ids),
+            )
+        )
+        self._wake_reader()
 
-    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        # aiomqtt defers add_writer with the fd read now; if the socket closes first, the
-        # deferred call registers a dead (or reused) fd. Read the fd when registering, and
-        # register at once when already on the loop's thread.
-        def write() -> None:
-            try:
-                client.loop_write()
-            except Exception as exc:
-                if not self._disconnected.done():
-                    self._disconnected.set_exception(exc)
+    def _on_control(self, packet: object) -> None:
+        if isinstance(packet, Ack):
+            if packet.packet_type == PacketType.PUBREL:
+                self._qos2_received.discard(packet.packet_id)
+                self.write(encode_ack(PacketType.PUBCOMP, packet.packet_id, self.level))
+                return
+            future = self.acks.get(packet.packet_id)
+            if future is not None and not future.done():
+                future.set_result(packet)
+        elif isinstance(packet, Suback):
+            waiting = self.subacks.pop(packet.packet_id, None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(packet)
+        elif isinstance(packet, Connack):
+            if not self.connack.done():
+                self.connack.set_result(packet)
+        elif isinstance(packet, Disconnect):
+            self.close_reason = (
+                "session taken over by another client with the same client id"
+                if packet.reason_code == _SESSION_TAKEN_OVER
+                else f"the broker disconnected (reason 0x{packet.reason_code:02x})"
+            )
+        # PINGRESP: its arrival already counts as a read (last_read_ns).
 
-        def register() -> None:
-            fileno = sock.fileno()
-            if fileno != -1:
-                self._loop.add_writer(fileno, write)
-
-        try:
-            on_loop = asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop:
-            register()
-        else:
-            self._loop.call_soon_threadsafe(register)
+    def _wake_reader(self) -> None:
+        waiter = self.inbound_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class MqttSession:
@@ -177,47 +312,81 @@ class MqttSession:
         self, target: BrokerTarget, client_id: str | None = None, *, inbound_limit: int = 100_000
     ) -> None:
         self.target = target
-        self.client_id = client_id
+        self.client_id = client_id or f"fleetprobe-{os.urandom(6).hex()}"
         self._inbound_limit = inbound_limit
-        self._client: _StampingClient | None = None
+        self._level = MQTT_5 if target.protocol == "5" else MQTT_311
+        self._connection: _Connection | None = None
+        self._keepalive: asyncio.Task[None] | None = None
+        self._packet_ids = _PacketIds()
+        self._in_flight = asyncio.Semaphore(_DEFAULT_RECEIVE_MAXIMUM)
+        self._max_packet_size = _MAX_PACKET_SIZE
+        self._keepalive_s = target.keepalive_s
 
     async def __aenter__(self) -> MqttSession:
         t = self.target
-        client = _StampingClient(
-            t.host,
-            t.port,
-            identifier=self.client_id,
-            username=t.username,
-            password=t.password,
-            protocol=aiomqtt.ProtocolVersion.V5
-            if t.protocol == "5"
-            else aiomqtt.ProtocolVersion.V311,
-            keepalive=t.keepalive_s,
-            tls_context=t.tls,
-            timeout=t.connect_timeout_s,
-            socket_options=[_NODELAY],
-            logger=log,
-        )
-        client.inbound = asyncio.Queue(self._inbound_limit)
-        client.inbound_dropped = 0
         try:
             async with asyncio.timeout(t.connect_timeout_s):
-                await client.__aenter__()
+                connack = await self._connect()
         except TimeoutError:
+            self._drop_connection()
             raise ConnectError(t.url, "no answer in time", reason="timeout") from None
-        except aiomqtt.MqttCodeError as exc:
-            code = _code_of(exc)
-            if code in _NOT_AUTHORIZED_CODES:
+        except ssl.SSLError as exc:
+            self._drop_connection()
+            raise ConnectError(t.url, f"TLS failed: {exc}", reason="tls") from None
+        except socket.gaierror as exc:
+            raise ConnectError(t.url, f"name not resolved ({exc})", reason="dns") from None
+        except OSError as exc:
+            self._drop_connection()
+            raise ConnectError(t.url, _os_error_text(exc), reason=_os_reason(exc)) from None
+        if connack.reason_code:
+            self._drop_connection()
+            detail = _connack_text(connack.reason_code, self._level)
+            if connack.reason_code in _NOT_AUTHORIZED_CODES:
                 raise NotAuthorizedError(
-                    t.url, f"broker refused the credentials ({exc})", reason="not_authorized"
-                ) from None
-            raise ConnectError(
-                t.url, f"broker refused the connection ({exc})", reason="refused"
-            ) from None
-        except aiomqtt.MqttError as exc:
-            raise ConnectError(t.url, str(exc), reason=_reason_of(str(exc))) from None
-        self._client = client
+                    t.url, f"broker refused the credentials ({detail})", reason="not_authorized"
+                )
+            raise ConnectError(t.url, f"broker refused the connection ({detail})", reason="refused")
+        self._apply_connack(connack)
+        self._keepalive = asyncio.create_task(self._keep_alive())
         return self
+
+    async def _connect(self) -> Connack:
+        t = self.target
+        loop = asyncio.get_running_loop()
+        level, limit = self._level, self._inbound_limit
+        _, connection = await loop.create_connection(
+            lambda: _Connection(level, limit),
+            t.host,
+            t.port,
+            ssl=t.tls,
+            server_hostname=t.host if t.tls else None,
+        )
+        self._connection = connection
+        connection.write(
+            encode_connect(
+                Connect(
+                    protocol_level=level,
+                    clean_start=True,
+                    keepalive=t.keepalive_s,
+                    client_id=self.client_id,
+                    username=t.username,
+                    password=t.password.encode() if t.password is not None else None,
+                )
+            )
+        )
+        return await connection.connack
+
+    def _apply_connack(self, connack: Connack) -> None:
+        properties = connack.properties
+        receive_maximum = get_int_property(properties, PropertyId.RECEIVE_MAXIMUM)
+        if receive_maximum:
+            self._in_flight = asyncio.Semaphore(receive_maximum)
+        max_packet = get_int_property(properties, PropertyId.MAXIMUM_PACKET_SIZE)
+        if max_packet:
+            self._max_packet_size = max_packet
+        server_keepalive = get_int_property(properties, PropertyId.SERVER_KEEP_ALIVE)
+        if server_keepalive is not None:
+            self._keepalive_s = server_keepalive
 
     async def __aexit__(
         self,
@@ -225,20 +394,49 @@ class MqttSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        client, self._client = self._client, None
-        if client is None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+            self._keepalive = None
+        connection, self._connection = self._connection, None
+        if connection is None or connection.transport is None:
             return
-        # A broken connection cannot say goodbye; nothing is lost by not waiting for it.
-        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-            async with asyncio.timeout(2):
-                await client.__aexit__(exc_type, exc, tb)
+        if not connection.closed.done():
+            with contextlib.suppress(SendError):
+                connection.write(b"\xe0\x00")  # DISCONNECT, normal (both protocols)
+            connection.close_reason = "closed"
+            connection.transport.close()
+            # A broken connection cannot say goodbye; nothing is lost by not waiting for it.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await connection.closed
+
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and connection.transport is not None:
+            connection.transport.abort()
+
+    async def _keep_alive(self) -> None:
+        """PINGREQ when we have been silent for the keepalive; give up when the broker
+        has been silent for 1.5 times it (as brokers judge clients)."""
+        if not self._keepalive_s:
+            return
+        interval_ns = self._keepalive_s * 1_000_000_000
+        connection = self._connected()
+        while not connection.closed.done():
+            await asyncio.sleep(self._keepalive_s / 4)
+            now = time.monotonic_ns()
+            if now - connection.last_read_ns > interval_ns * 3 // 2:
+                connection.abort("no answer from the broker within its keepalive")
+                return
+            if now - connection.last_write_ns >= interval_ns // 2:
+                with contextlib.suppress(SendError):
+                    connection.write(encode_pingreq())
 
     async def wait_disconnected(self) -> None:
         """Return when the connection is lost (or closed)."""
-        disconnected = self._connected()._disconnected
-        await asyncio.wait([disconnected])
-        if not disconnected.cancelled():
-            disconnected.exception()  # retrieved: asyncio would log it as never retrieved
+        await asyncio.shield(self._connected().closed)
 
     @property
     def inbound_dropped(self) -> int:
@@ -258,39 +456,67 @@ class MqttSession:
         """Publish one message; with QoS 1 or 2, return when the broker acknowledged it.
 
         Raises:
-            SendError: the client is not connected, its queue is full, or no ack came.
+            SendError: not connected, an invalid topic, too large, refused, or no ack in time.
         """
-        client = self._connected()
-        properties = None
-        if self.target.protocol == "5" and (user_properties or correlation_data):
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            if user_properties:
-                properties.UserProperty = list(user_properties)
-            if correlation_data:
-                properties.CorrelationData = correlation_data
+        connection = self._connected()
+        topic_bytes = _topic_bytes(topic)
+        properties = b""
+        if self._level == MQTT_5:
+            properties = _publish_properties(user_properties, correlation_data)
+        size = len(topic_bytes) + (2 if qos else 0) + len(properties) + len(payload)
+        if size + 5 > self._max_packet_size:
+            raise SendError(f"publish to {topic}: {size} bytes is too large", reason="too_large")
+        if qos == 0:
+            await connection.writable()
+            connection.write(_publish_frame(0x30, topic_bytes, b"", properties, payload, size))
+            return
         try:
-            await client.publish(topic, payload, qos=qos, properties=properties, timeout=timeout_s)
-        except aiomqtt.MqttCodeError as exc:
-            raise SendError(f"publish to {topic} failed: {exc}", reason=_send_reason(exc)) from None
-        except ValueError as exc:  # paho refuses a topic it finds invalid
-            raise SendError(f"publish to {topic} refused: {exc}", reason="invalid") from None
-        except aiomqtt.MqttError as exc:
-            raise SendError(
-                f"publish to {topic} failed: {exc}", reason=_reason_of(str(exc))
-            ) from None
+            async with asyncio.timeout(timeout_s):
+                async with self._in_flight:
+                    await self._publish_acknowledged(
+                        connection, qos, topic, topic_bytes, properties, payload, size
+                    )
+        except TimeoutError:
+            raise SendError(f"publish to {topic}: no acknowledgement", reason="timeout") from None
+
+    async def _publish_acknowledged(
+        self,
+        connection: _Connection,
+        qos: int,
+        topic: str,
+        topic_bytes: bytes,
+        properties: bytes,
+        payload: bytes,
+        size: int,
+    ) -> None:
+        packet_id = self._packet_ids.take(connection.acks)
+        try:
+            ack_future = connection.acks[packet_id] = asyncio.get_running_loop().create_future()
+            await connection.writable()
+            first = 0x30 | (qos << 1)
+            connection.write(
+                _publish_frame(first, topic_bytes, packet_id.to_bytes(2), properties, payload, size)
+            )
+            ack = await ack_future
+            _check_ack(ack, topic)
+            if qos == 2:
+                ack_future = connection.acks[packet_id] = asyncio.get_running_loop().create_future()
+                connection.write(encode_ack(PacketType.PUBREL, packet_id, self._level))
+                _check_ack(await ack_future, topic)
+        finally:
+            connection.acks.pop(packet_id, None)
 
     async def subscribe(
         self, filters: Sequence[str], *, qos: int = 1, identify: bool = False
     ) -> list[int]:
         """Subscribe to every filter and return the broker's SUBACK code for each.
 
-        Codes 0-2 are the granted QoS; 128 and up are refusals (aiomqtt returns them
-        rather than raising). With ``identify`` (MQTT 5), filter ``i`` gets Subscription
-        Identifier ``i + 1``, so each message says which filters matched it: a broker
-        sends one copy per matching subscription, and without the identifiers the copies
-        of overlapping filters cannot be told apart.
+        Codes 0-2 are the granted QoS; 128 and up are refusals. With ``identify``
+        (MQTT 5), filter ``i`` gets Subscription Identifier ``i + 1``, so each message
+        says which filters matched it: a broker sends one copy per matching subscription,
+        and without the identifiers the copies of overlapping filters cannot be told apart.
         """
-        if identify and self.target.protocol == "5":
+        if identify and self._level == MQTT_5:
             return [
                 (await self._subscribe([f], qos, subscription_id=i + 1))[0]
                 for i, f in enumerate(filters)
@@ -300,18 +526,25 @@ class MqttSession:
     async def _subscribe(
         self, filters: Sequence[str], qos: int, subscription_id: int | None = None
     ) -> list[int]:
-        client = self._connected()
-        properties = None
+        connection = self._connected()
+        packet_id = self._packet_ids.take(connection.subacks)
+        properties: Properties = []
         if subscription_id is not None:
-            properties = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
-            properties.SubscriptionIdentifier = subscription_id
+            properties.append((PropertyId.SUBSCRIPTION_IDENTIFIER, subscription_id))
+        packet = Subscribe(packet_id, [SubscriptionRequest(f, qos) for f in filters], properties)
+        suback_future = connection.subacks[packet_id] = asyncio.get_running_loop().create_future()
         try:
-            granted = await client.subscribe([(f, qos) for f in filters], properties=properties)
-        except aiomqtt.MqttError as exc:
+            connection.write(encode_subscribe(packet, self._level))
+            async with asyncio.timeout(self.target.connect_timeout_s):
+                suback: Suback = await suback_future
+        except (SendError, TimeoutError) as exc:
+            detail = "no SUBACK in time" if isinstance(exc, TimeoutError) else str(exc)
             raise ConnectError(
-                self.target.url, f"subscribe failed: {exc}", reason=_reason_of(str(exc))
+                self.target.url, f"subscribe failed: {detail}", reason="disconnected"
             ) from None
-        return [code if isinstance(code, int) else int(code.value) for code in granted]
+        finally:
+            connection.subacks.pop(packet_id, None)
+        return suback.reason_codes
 
     async def messages(self) -> AsyncIterator[InboundMessage]:
         """Received messages in arrival order, until the connection ends.
@@ -319,58 +552,127 @@ class MqttSession:
         Raises:
             ConnectError: the connection was lost.
         """
-        client = self._connected()
-        disconnected = client._disconnected
+        connection = self._connected()
+        inbound = connection.inbound
         while True:
-            if not client.inbound.empty():
-                yield client.inbound.get_nowait()
-                continue
-            getter = asyncio.ensure_future(client.inbound.get())
-            try:
-                await asyncio.wait((getter, disconnected), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not getter.done():
-                    getter.cancel()
-            if getter.done() and not getter.cancelled():
-                yield getter.result()
-                continue
-            raise ConnectError(self.target.url, "connection lost", reason="disconnected")
+            while inbound:
+                yield inbound.popleft()
+            if connection.closed.done():
+                raise ConnectError(self.target.url, connection.close_reason, reason="disconnected")
+            connection.inbound_waiter = asyncio.get_running_loop().create_future()
+            await connection.inbound_waiter
 
-    def _connected(self) -> _StampingClient:
-        if self._client is None:
+    def _connected(self) -> _Connection:
+        if self._connection is None:
             raise RuntimeError("MqttSession used outside 'async with'")
-        return self._client
+        return self._connection
 
 
-def _code_of(exc: aiomqtt.MqttCodeError) -> int:
-    rc = exc.rc
-    return rc if isinstance(rc, int) else int(getattr(rc, "value", -1))
+class _PacketIds:
+    """Packet identifiers 1..65535, in turn, skipping those still in use."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def take(self, in_use: Mapping[int, object]) -> int:
+        for _ in range(65_535):
+            self._next = self._next % 65_535 + 1
+            if self._next not in in_use:
+                return self._next
+        raise SendError("no free packet identifier", reason="queue_full")
 
 
-def _send_reason(exc: aiomqtt.MqttCodeError) -> str:
-    code = _code_of(exc)
-    if code == paho.MQTT_ERR_NO_CONN:
-        return "not_connected"
-    if code == paho.MQTT_ERR_QUEUE_SIZE:
-        return "queue_full"
-    if code == paho.MQTT_ERR_PAYLOAD_SIZE:
-        return "too_large"
+def _topic_bytes(topic: str) -> bytes:
+    """A topic name as it goes on the wire, or SendError(reason="invalid")."""
+    if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+        raise SendError(f"publish to {topic!r} refused: not a valid topic name", reason="invalid")
+    try:
+        encoded = topic.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SendError(
+            f"publish to {topic!r} refused: not valid UTF-8", reason="invalid"
+        ) from None
+    if len(encoded) > _MAX_TOPIC_BYTES:
+        raise SendError(
+            f"publish refused: topic of {len(encoded)} bytes (at most 65535)", reason="invalid"
+        )
+    return len(encoded).to_bytes(2) + encoded
+
+
+def _publish_properties(
+    user_properties: Sequence[tuple[str, str]], correlation_data: bytes | None
+) -> bytes:
+    """The MQTT 5 property block of a PUBLISH (its length first)."""
+    body = bytearray()
+    for key, value in user_properties:
+        k, v = key.encode(), value.encode()
+        body += b"\x26" + len(k).to_bytes(2) + k + len(v).to_bytes(2) + v
+    if correlation_data:
+        body += b"\x09" + len(correlation_data).to_bytes(2) + correlation_data
+    return encode_varint(len(body)) + body
+
+
+def _publish_frame(
+    first: int, topic: bytes, packet_id: bytes, properties: bytes, payload: bytes, size: int
+) -> bytes:
+    return b"".join((bytes((first,)), encode_varint(size), topic, packet_id, properties, payload))
+
+
+def _check_ack(ack: Ack, topic: str) -> None:
+    if ack.reason_code >= 0x80:
+        raise SendError(
+            f"publish to {topic} refused by the broker (reason 0x{ack.reason_code:02x})",
+            reason="rejected",
+        )
+
+
+def _connack_text(code: int, level: int) -> str:
+    names = _CONNACK_311 if level == MQTT_311 else _CONNACK_5
+    return f"code {code}: {names.get(code, 'refused')}"
+
+
+_CONNACK_311 = {
+    1: "unacceptable protocol version",
+    2: "identifier rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorized",
+}
+_CONNACK_5 = {
+    128: "unspecified error",
+    129: "malformed packet",
+    130: "protocol error",
+    132: "unsupported protocol version",
+    133: "client identifier not valid",
+    134: "bad user name or password",
+    135: "not authorized",
+    136: "server unavailable",
+    137: "server busy",
+    138: "banned",
+    140: "bad authentication method",
+    149: "packet too large",
+    151: "quota exceeded",
+    153: "payload format invalid",
+    154: "retain not supported",
+    155: "QoS not supported",
+    156: "use another server",
+    157: "server moved",
+    159: "connection rate exceeded",
+}
+
+
+def _os_reason(exc: OSError) -> str:
+    """A bounded reason label for a socket error."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ConnectionResetError):
+        return "disconnected"
+    if "unreachable" in str(exc).lower():
+        return "unreachable"
     return "error"
 
 
-def _reason_of(text: str) -> str:
-    """A bounded reason label from an error text that lost its type inside aiomqtt."""
-    lowered = text.lower()
-    for needle, reason in (
-        ("refused", "refused"),
-        ("timed out", "timeout"),
-        ("certificate", "tls"),
-        ("ssl", "tls"),
-        ("name or service", "dns"),
-        ("nodename", "dns"),
-        ("disconnected", "disconnected"),
-        ("unreachable", "unreachable"),
-    ):
-        if needle in lowered:
-            return reason
-    return "error"
+def _os_error_text(exc: OSError) -> str:
+    if isinstance(exc, ConnectionResetError):
+        return f"the broker closed the connection before CONNACK ({exc})"
+    return exc.strerror or str(exc)

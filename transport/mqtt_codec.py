@@ -1,10 +1,11 @@
 """Pure encoding and decoding of MQTT 3.1.1 and 5.0 control packets.
 
-No I/O happens here: the broker feeds raw bytes in and gets packet objects
-out, and turns its replies into bytes with the ``encode_*`` functions. Only
-what a broker needs is implemented: decoding the packets a client may send and
-encoding the packets a server sends (PUBLISH and the PUBACK family go both
-ways).
+No I/O happens here: the embedded broker and the client session
+(:mod:`transport.mqtt`) feed raw bytes in and get packet objects out, and turn
+what they send into bytes with the ``encode_*`` functions. Both sides are
+covered: the packets a client sends (CONNECT, SUBSCRIBE, PINGREQ, ...) and
+those a server sends (CONNACK, SUBACK, ...); PUBLISH and the PUBACK family go
+both ways.
 
 Properties (MQTT 5.0) are kept as an ordered list of ``(identifier, value)``
 pairs so that repeated properties such as User Property survive a decode and
@@ -900,3 +901,125 @@ def encode_disconnect(reason_code: int, properties: Properties | None = None) ->
     if properties:
         return _frame(0xE0, bytes((reason_code,)), encode_properties(properties))
     return _frame(0xE0, bytes((reason_code,)))
+
+
+# --------------------------------------------------------------------------
+# The client side: encoding client packets, decoding server packets
+# --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Connack:
+    """A decoded CONNACK (``reason_code`` is the 3.1.1 return code for level 4)."""
+
+    session_present: bool
+    reason_code: int
+    properties: Properties = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Suback:
+    """A decoded SUBACK: one granted QoS or failure code per requested filter."""
+
+    packet_id: int
+    reason_codes: list[int]
+    properties: Properties = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PingResp:
+    """A PINGRESP packet."""
+
+
+ServerPacket: TypeAlias = Connack | Publish | Ack | Suback | PingResp | Disconnect
+
+
+def encode_connect(connect: Connect) -> bytes:
+    """Encodes a CONNECT (no will: fleetprobe's sessions never leave one).
+
+    Raises:
+        ValueError: A 3.1.1 password without a user name, or a field too long.
+    """
+    v5 = connect.protocol_level == MQTT_5
+    if not v5 and connect.password is not None and connect.username is None:
+        raise ValueError("MQTT 3.1.1 allows a password only with a user name")
+    flags = 0x02 if connect.clean_start else 0
+    flags |= 0x80 if connect.username is not None else 0
+    flags |= 0x40 if connect.password is not None else 0
+    parts = [_encode_str("MQTT"), bytes((connect.protocol_level, flags))]
+    parts.append(_encode_u16(connect.keepalive))
+    if v5:
+        parts.append(encode_properties(connect.properties))
+    parts.append(_encode_str(connect.client_id))
+    if connect.username is not None:
+        parts.append(_encode_str(connect.username))
+    if connect.password is not None:
+        parts.append(_encode_binary(connect.password))
+    return _frame(0x10, *parts)
+
+
+def encode_subscribe(subscribe: Subscribe, protocol_level: int) -> bytes:
+    """Encodes a SUBSCRIBE; subscription options beyond QoS are MQTT 5.0 only."""
+    parts = [_encode_u16(subscribe.packet_id)]
+    v5 = protocol_level == MQTT_5
+    if v5:
+        parts.append(encode_properties(subscribe.properties))
+    for request in subscribe.subscriptions:
+        options = request.qos
+        if v5:
+            options |= 0x04 if request.no_local else 0
+            options |= 0x08 if request.retain_as_published else 0
+            options |= request.retain_handling << 4
+        parts += (_encode_str(request.topic_filter), bytes((options,)))
+    return _frame(0x82, *parts)
+
+
+def encode_pingreq() -> bytes:
+    """Encodes a PINGREQ."""
+    return b"\xc0\x00"
+
+
+def decode_server_packet(first_byte: int, body: bytes, protocol_level: int) -> ServerPacket:
+    """Decodes one packet sent by a server.
+
+    Raises:
+        MalformedPacketError: If the packet cannot be parsed.
+        ProtocolViolationError: For packets a server must not send.
+    """
+    v5 = protocol_level == MQTT_5
+    reader = _Reader(body)
+    kind = first_byte >> 4
+    packet: ServerPacket
+    if kind == PacketType.PUBLISH:
+        return _decode_publish(first_byte, reader, v5)
+    if kind in (PacketType.PUBACK, PacketType.PUBREC, PacketType.PUBCOMP):
+        _check_flags(first_byte, 0)
+        packet = _decode_ack(PacketType(kind), reader, v5)
+    elif kind == PacketType.PUBREL:
+        _check_flags(first_byte, 0x02)
+        packet = _decode_ack(PacketType.PUBREL, reader, v5)
+    elif kind == PacketType.CONNACK:
+        _check_flags(first_byte, 0)
+        flags, code = reader.u8(), reader.u8()
+        packet = Connack(bool(flags & 0x01), code, reader.properties() if v5 else [])
+    elif kind == PacketType.SUBACK:
+        _check_flags(first_byte, 0)
+        packet_id = reader.u16()
+        properties = reader.properties() if v5 else []
+        packet = Suback(packet_id, list(reader.rest()), properties)
+    elif kind == PacketType.PINGRESP:
+        _check_flags(first_byte, 0)
+        packet = PingResp()
+    elif kind == PacketType.DISCONNECT and v5:
+        _check_flags(first_byte, 0)
+        packet = Disconnect()
+        if not reader.at_end():
+            packet.reason_code = reader.u8()
+            if not reader.at_end():
+                packet.properties = reader.properties()
+    else:
+        name = PacketType(kind).name if kind else "reserved packet type 0"
+        raise ProtocolViolationError(f"unexpected {name} from server")
+    if not reader.at_end():
+        raise MalformedPacketError(f"trailing bytes in {PacketType(kind).name}")
+    return packet
