@@ -10,6 +10,7 @@ is known.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -62,8 +63,13 @@ class Outgoing:
 def iso_utc(wall_ns: int) -> str:
     """``2026-11-22T10:00:00.123456Z`` for a wall-clock time in nanoseconds."""
     seconds, remainder = divmod(wall_ns, 1_000_000_000)
-    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{remainder // 1000:06d}Z"
+    return f"{_iso_second(seconds)}.{remainder // 1000:06d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(seconds: int) -> str:
+    # Every signal is stamped twice; formatting the date once per second saves ~3 µs each.
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 class MqttPublisher:
