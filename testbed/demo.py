@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from testbed.knobs import StageKnobs
-from testbed.mosquitto import MosquittoProcess, free_port, mosquitto_path
+from testbed.mosquitto import MosquittoProcess, free_ports, mosquitto_path
 from testbed.platform import Testbed
 from testbed.topics import TestbedTopics
 from testbed.webhooks import WebhookTarget
@@ -68,9 +68,9 @@ async def run_demo(
             host, port, kind = "127.0.0.1", embedded.port, "embedded broker"
         log.info("demo: %s on mqtt://%s:%d", kind, host, port)
 
-        webhook_listen = f"127.0.0.1:{free_port()}"
+        webhook_port, testbed_port = free_ports(2)
+        webhook_listen = f"127.0.0.1:{webhook_port}"
         webhook_secret = secrets.token_hex(16)
-        testbed_port = free_port()
         environ = {
             **os.environ,
             "FLEETPROBE_MQTT_URL": f"mqtt://{host}:{port}",

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from testbed.cli import add_arguments, run
 from testbed.knobs import STAGES, KnobUpdate, StageKnobs, parse_knob_update
-from testbed.mosquitto import free_port
+from testbed.mosquitto import free_port, free_ports
 from testbed.platform import Testbed, TestbedTopics
 from testbed.state import StateStore
 from testbed.webhooks import WebhookTarget
@@ -545,3 +545,10 @@ def test_cli_refuses_a_missing_secret_variable(
     )
     assert run(args) == 2
     assert any("FLEETPROBE_TEST_NO_SUCH_SECRET" in r.getMessage() for r in caplog.records)
+
+
+def test_free_ports_are_distinct() -> None:
+    """Ports picked together never repeat (two free_port calls in a row may)."""
+    for _ in range(200):
+        ports = free_ports(3)
+        assert len(set(ports)) == 3
