@@ -764,6 +764,30 @@ def _decode_unsubscribe(reader: _Reader, v5: bool) -> Unsubscribe:
     return Unsubscribe(packet_id, filters, properties)
 
 
+def _decode_either_way(
+    first_byte: int, reader: _Reader, v5: bool
+) -> Publish | Ack | Disconnect | None:
+    """The packets both sides send: PUBLISH, the PUBACK family, DISCONNECT; else None."""
+    kind = first_byte >> 4
+    if kind == PacketType.PUBLISH:
+        return _decode_publish(first_byte, reader, v5)
+    if kind in (PacketType.PUBACK, PacketType.PUBREC, PacketType.PUBCOMP):
+        _check_flags(first_byte, 0)
+        return _decode_ack(PacketType(kind), reader, v5)
+    if kind == PacketType.PUBREL:
+        _check_flags(first_byte, 0x02)
+        return _decode_ack(PacketType.PUBREL, reader, v5)
+    if kind == PacketType.DISCONNECT:
+        _check_flags(first_byte, 0)
+        disconnect = Disconnect()
+        if v5 and not reader.at_end():
+            disconnect.reason_code = reader.u8()
+            if not reader.at_end():
+                disconnect.properties = reader.properties()
+        return disconnect
+    return None
+
+
 def decode_packet(first_byte: int, body: bytes, protocol_level: int) -> Packet:
     """Decodes one packet sent by a client.
 
@@ -783,14 +807,11 @@ def decode_packet(first_byte: int, body: bytes, protocol_level: int) -> Packet:
     reader = _Reader(body)
     kind = first_byte >> 4
     packet: Packet
-    if kind == PacketType.PUBLISH:
-        return _decode_publish(first_byte, reader, v5)
-    if kind in (PacketType.PUBACK, PacketType.PUBREC, PacketType.PUBCOMP):
-        _check_flags(first_byte, 0)
-        packet = _decode_ack(PacketType(kind), reader, v5)
-    elif kind == PacketType.PUBREL:
-        _check_flags(first_byte, 0x02)
-        packet = _decode_ack(PacketType.PUBREL, reader, v5)
+    shared = _decode_either_way(first_byte, reader, v5)
+    if isinstance(shared, Publish):
+        return shared
+    if shared is not None:
+        packet = shared
     elif kind == PacketType.SUBSCRIBE:
         _check_flags(first_byte, 0x02)
         packet = _decode_subscribe(reader, v5)
@@ -800,13 +821,6 @@ def decode_packet(first_byte: int, body: bytes, protocol_level: int) -> Packet:
     elif kind == PacketType.PINGREQ:
         _check_flags(first_byte, 0)
         packet = PingReq()
-    elif kind == PacketType.DISCONNECT:
-        _check_flags(first_byte, 0)
-        packet = Disconnect()
-        if v5 and not reader.at_end():
-            packet.reason_code = reader.u8()
-            if not reader.at_end():
-                packet.properties = reader.properties()
     elif kind == PacketType.CONNECT:
         _check_flags(first_byte, 0)
         return decode_connect(body)
@@ -990,14 +1004,11 @@ def decode_server_packet(first_byte: int, body: bytes, protocol_level: int) -> S
     reader = _Reader(body)
     kind = first_byte >> 4
     packet: ServerPacket
-    if kind == PacketType.PUBLISH:
-        return _decode_publish(first_byte, reader, v5)
-    if kind in (PacketType.PUBACK, PacketType.PUBREC, PacketType.PUBCOMP):
-        _check_flags(first_byte, 0)
-        packet = _decode_ack(PacketType(kind), reader, v5)
-    elif kind == PacketType.PUBREL:
-        _check_flags(first_byte, 0x02)
-        packet = _decode_ack(PacketType.PUBREL, reader, v5)
+    shared = _decode_either_way(first_byte, reader, v5)
+    if isinstance(shared, Publish):
+        return shared
+    if shared is not None:
+        packet = shared
     elif kind == PacketType.CONNACK:
         _check_flags(first_byte, 0)
         flags, code = reader.u8(), reader.u8()
@@ -1010,13 +1021,6 @@ def decode_server_packet(first_byte: int, body: bytes, protocol_level: int) -> S
     elif kind == PacketType.PINGRESP:
         _check_flags(first_byte, 0)
         packet = PingResp()
-    elif kind == PacketType.DISCONNECT and v5:
-        _check_flags(first_byte, 0)
-        packet = Disconnect()
-        if not reader.at_end():
-            packet.reason_code = reader.u8()
-            if not reader.at_end():
-                packet.properties = reader.properties()
     else:
         name = PacketType(kind).name if kind else "reserved packet type 0"
         raise ProtocolViolationError(f"unexpected {name} from server")
