@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from random import Random
 from typing import TYPE_CHECKING
 
-from faults.mqtt_frames import CONNECT, MqttFramer, Packet, Session
+from faults.mqtt_frames import MqttFramer, Packet, Session
+from transport.mqtt_codec import PacketType
 
 if TYPE_CHECKING:
     from faults.toxics import Toxic
@@ -125,7 +126,7 @@ class Link:
             packets = self._framer.feed(data)
             if not packets:
                 continue
-            if self.session.client_id is None and packets[0].kind == CONNECT:
+            if self.session.client_id is None and packets[0].kind == PacketType.CONNECT:
                 self.session.learn_connect(packets[0])
             self._queue.put_nowait(Segment(packets, loop.time()))
             while self._queue.qsize() >= _MAX_QUEUED:

@@ -14,15 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-CONNECT = 1
-CONNACK = 2
-PUBLISH = 3
-PUBACK = 4
-PUBREC = 5
-PUBREL = 6
-PUBCOMP = 7
+from transport.mqtt_codec import MQTT_5
 
-MQTT_5 = 5
 _TOPIC_ALIAS = 0x23
 _MAX_PACKET_BYTES = 16 * 1024 * 1024
 """Longer 'packets' are taken for garbage: the framer will not buffer them whole."""

@@ -14,10 +14,6 @@ from pydantic import Field, field_validator
 
 from faults.link import Forward, Link, Segment
 from faults.mqtt_frames import (
-    PUBACK,
-    PUBCOMP,
-    PUBLISH,
-    PUBREC,
     MalformedError,
     Packet,
     PublishView,
@@ -25,9 +21,10 @@ from faults.mqtt_frames import (
     with_dup_flag,
 )
 from faults.toxics import Attributes, Toxic, ToxicSpec
+from transport.mqtt_codec import PacketType
 from transport.topics import check_topic_filter, topic_matches
 
-_ACKS = frozenset((PUBACK, PUBREC, PUBCOMP))
+_ACKS = frozenset((PacketType.PUBACK, PacketType.PUBREC, PacketType.PUBCOMP))
 
 
 class PublishAttributes(Attributes):
@@ -63,7 +60,7 @@ class _PublishToxic(Toxic, attributes=PublishAttributes):
             await forward(segment)
 
     def _matching(self, packet: Packet) -> PublishView | None:
-        if packet.kind != PUBLISH:
+        if packet.kind != PacketType.PUBLISH:
             return None
         try:
             view = inspect_publish(packet, self.link.session, self.link.direction)

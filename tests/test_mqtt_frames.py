@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from faults.mqtt_frames import (
-    CONNECT,
-    PUBLISH,
     MqttFramer,
     Packet,
     Session,
     inspect_publish,
     with_dup_flag,
 )
-from transport.mqtt_codec import MQTT_5, PropertyId, Publish, encode_publish
+from transport.mqtt_codec import MQTT_5, PacketType, PropertyId, Publish, encode_publish
 
 
 def connect_packet(client_id: str, level: int) -> bytes:
@@ -41,7 +39,12 @@ def test_whole_packets_come_out_however_the_bytes_are_cut() -> None:
         for start in range(0, len(data), cut):
             out.extend(framer.feed(data[start : start + cut]))
         assert [p.data for p in out] == packets
-        assert [p.kind for p in out] == [CONNECT, PUBLISH, PUBLISH, 12]
+        assert [p.kind for p in out] == [
+            PacketType.CONNECT,
+            PacketType.PUBLISH,
+            PacketType.PUBLISH,
+            12,
+        ]
         assert not framer.raw
 
 
@@ -65,9 +68,9 @@ def test_connect_gives_level_and_client_id_and_publish_its_topic() -> None:
     for level in (4, MQTT_5):
         _, packets = stream(level)
         session = Session()
-        session.learn_connect(Packet(packets[0], CONNECT))
+        session.learn_connect(Packet(packets[0], PacketType.CONNECT))
         assert (session.protocol_level, session.client_id) == (level, "veh-1")
-        view = inspect_publish(Packet(packets[2], PUBLISH), session, "upstream")
+        view = inspect_publish(Packet(packets[2], PacketType.PUBLISH), session, "upstream")
         assert (view.topic, view.qos) == ("a/c", 1)
         assert packets[2][view.payload_offset :] == b"x" * 300
 
@@ -77,13 +80,13 @@ def test_topic_aliases_are_resolved_per_direction() -> None:
     alias = [(PropertyId.TOPIC_ALIAS, 3), (PropertyId.USER_PROPERTY, ("k", "v"))]
     first = encode_publish(Publish("cars/1", b"a", properties=alias), MQTT_5)
     again = encode_publish(Publish("", b"b", properties=alias[:1]), MQTT_5)
-    assert inspect_publish(Packet(first, PUBLISH), session, "upstream").topic == "cars/1"
-    view = inspect_publish(Packet(again, PUBLISH), session, "upstream")
+    assert inspect_publish(Packet(first, PacketType.PUBLISH), session, "upstream").topic == "cars/1"
+    view = inspect_publish(Packet(again, PacketType.PUBLISH), session, "upstream")
     assert view.topic == "cars/1" and again[view.payload_offset :] == b"b"
 
 
 def test_the_duplicate_of_a_qos1_publish_carries_dup() -> None:
-    qos1 = Packet(encode_publish(Publish("t", b"p", qos=1, packet_id=1), 4), PUBLISH)
-    qos0 = Packet(encode_publish(Publish("t", b"p"), 4), PUBLISH)
+    qos1 = Packet(encode_publish(Publish("t", b"p", qos=1, packet_id=1), 4), PacketType.PUBLISH)
+    qos0 = Packet(encode_publish(Publish("t", b"p"), 4), PacketType.PUBLISH)
     assert with_dup_flag(qos1).data[0] == qos1.data[0] | 0x08
     assert with_dup_flag(qos0) == qos0
