@@ -44,10 +44,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from exporters.saturation import LAG_LIMIT_S  # noqa: E402
 from testbed.mosquitto import MosquittoProcess  # noqa: E402
 from transport.mqtt import BrokerTarget, MqttSession  # noqa: E402
 
-LAG_LIMIT_S = 0.010
 PAYLOAD = json.dumps(
     {
         "vin": "WFP0000000000000",

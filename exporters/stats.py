@@ -26,6 +26,10 @@ class Samples:
     def __len__(self) -> int:
         return len(self._values)
 
+    def since(self, start: int) -> Sequence[float]:
+        """The values recorded from index ``start`` on (a copy)."""
+        return self._values[start:]
+
     def quantile(self, q: float) -> float | None:
         """The nearest-rank quantile: the smallest value with at least ``q`` of all at or below."""
         ordered = self._ordered()

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from exporters.results import ResultBook
+from exporters.saturation import LAG_LIMIT_S
 from exporters.stats import Samples, format_ms
-
-LAG_LIMIT_S = 0.010
 
 
 def render_summary(book: ResultBook, scenario: str) -> str:

@@ -26,6 +26,7 @@ from exporters.live import LiveView
 from exporters.metrics import ProbeMetrics
 from exporters.report import build_report, write_json
 from exporters.results import ResultBook
+from exporters.saturation import SaturationWatch
 from exporters.server import make_metrics_app
 from exporters.summary import render_summary
 from exporters.traces import TraceLog
@@ -108,6 +109,10 @@ class _Run:
             {i for i, chain in enumerate(self.plan.chains) if chain.name in judged}
         )
         self.emission_start_ns: int | None = None
+        self.observers: list[Observer] = []
+        self.saturation = SaturationWatch(
+            self.book, self._observer_queues, self.registry, scenario.name
+        )
         self.tracker = Tracker(self.plan.chains, self)
         self.metrics.track_inflight(self.tracker.inflight)
         self.alerts: AlertSender | None = None
@@ -225,7 +230,7 @@ class _Run:
             self,
             split_listen(self.scenario.exporters.webhook_receiver.listen),
         )
-        observers = []
+        observers = self.observers
         for kind, hops in self.plan.hops_by_kind.items():
             observer = hop_kinds()[kind](hops, context)
             stack.push_async_callback(observer.close)
@@ -304,6 +309,14 @@ class _Run:
         while True:
             await asyncio.sleep(HEALTH_EVERY_S)
             self._note_health_changes()
+            self._check_saturation(HEALTH_EVERY_S)
+
+    def _check_saturation(self, window_s: float) -> None:
+        start_ns = self.emission_start_ns or time.monotonic_ns()
+        self.saturation.check((time.monotonic_ns() - start_ns) / 1e9, window_s)
+
+    def _observer_queues(self) -> dict[str, tuple[int, int | None]]:
+        return {o.kind: (o.dropped, o.queue_limit) for o in self.observers if o.queue_limit}
 
     def _note_health_changes(self) -> None:
         for change in self.health.evaluate(time.monotonic_ns()):
@@ -333,6 +346,7 @@ class _Run:
             objectives=[o.as_dict() for o in result.outcomes],
             health=self.health.as_report(),
         )
+        result.report["prober"] = self.saturation.as_report()
         if scenario.faults.timeline:
             result.report["faults"] = self.faults.as_report(self.emission_start_ns)
         if scenario.expect:
@@ -347,6 +361,8 @@ class _Run:
         out = self.options.out
         if out is not None:
             print(render_summary(self.book, scenario.name), file=out)
+            for line in self.saturation.summary_lines():
+                print(line, file=out)
             if scenario.faults.timeline:
                 print(render_fault_timeline(result.report["faults"], self.duration_s), file=out)
             for outcome in judged:

@@ -98,6 +98,17 @@ class Observer(ABC):
     async def close(self) -> None:  # noqa: B027 - most kinds have nothing to release
         """Release connections; called once after :meth:`run` ended."""
 
+    @property
+    def dropped(self) -> int:
+        """Messages received but dropped because the prober fell behind (a bounded queue
+        overflowed); the hops they were for time out, which is the prober's failing."""
+        return 0
+
+    @property
+    def queue_limit(self) -> int | None:
+        """The bound of the queue whose overflow :attr:`dropped` counts, if there is one."""
+        return None
+
 
 class ObserverSetupError(Exception):
     """A hop cannot be observed as configured (e.g. the broker refused its subscription)."""

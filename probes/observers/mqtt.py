@@ -6,7 +6,6 @@ routed to every hop whose filter matches it. The body is parsed once per message
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -25,7 +24,8 @@ from transport.mqtt import InboundMessage, MqttSession
 from transport.topics import check_topic_filter, topic_matches
 
 _UNPARSED = object()
-log = logging.getLogger("fleetprobe")
+INBOUND_LIMIT = 100_000
+"""Received messages that may wait for the tracker; past it they are dropped and counted."""
 
 
 class MqttHop(HopConfig):
@@ -66,9 +66,22 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
         self._routes: dict[str, list[_Route]] = {}
         for hop in self.hops:
             self._routes.setdefault(hop.config.topic, []).append(_Route(hop))
-        self._session = MqttSession(context.broker, f"fleetprobe-observer-{os.urandom(4).hex()}")
+        self._session = MqttSession(
+            context.broker,
+            f"fleetprobe-observer-{os.urandom(4).hex()}",
+            inbound_limit=INBOUND_LIMIT,
+        )
         self._entered = False
+        self._dropped_before_close = 0
         self._filter_of_id: dict[int, str] = {}
+
+    @property
+    def dropped(self) -> int:
+        return self._session.inbound_dropped if self._entered else self._dropped_before_close
+
+    @property
+    def queue_limit(self) -> int:
+        return INBOUND_LIMIT
 
     async def start(self) -> None:
         await self._session.__aenter__()
@@ -91,14 +104,8 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
 
     async def close(self) -> None:
         if self._entered:
+            self._dropped_before_close = self._session.inbound_dropped
             self._entered = False
-            if self._session.inbound_dropped:
-                # Each dropped message may show as a timeout that is the prober's, not the
-                # platform's: say so.
-                log.warning(
-                    "the MQTT observer fell behind and dropped %d received messages",
-                    self._session.inbound_dropped,
-                )
             await self._session.__aexit__(None, None, None)
 
     def _matching_routes(self, message: InboundMessage) -> list[list[_Route]]:

@@ -1,0 +1,143 @@
+"""Saying, while a run lasts, when the prober itself is the limit.
+
+A probe that cannot keep its schedule reports its own overload as platform latency, and
+one that drops what it received reports it as platform loss. Once a second the
+:class:`SaturationWatch` looks at the signals sent in that second and at the observers'
+bounded queues; when the emission lag p99 of the window is over the limit, or a queue
+overflowed, it logs which limit was hit, sets ``fleetprobe_prober_saturated`` and counts
+the drops in ``fleetprobe_observer_dropped_total``; the report keeps the record.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from exporters.results import ResultBook
+from exporters.stats import format_ms
+
+LAG_LIMIT_S = 0.010
+"""Emission lag p99 above which the prober no longer keeps the fleet's schedule."""
+REPEAT_EVERY_S = 10.0
+"""While saturation lasts, the warning is repeated this often (not every second)."""
+
+log = logging.getLogger("fleetprobe")
+
+QueueStats = Callable[[], Mapping[str, tuple[int, int | None]]]
+"""Per observer kind: messages dropped so far, and the bound of its queue."""
+
+
+class SaturationWatch:
+    """Judges each window of the run against the prober's own limits.
+
+    Args:
+        book: where sent signals' emission lags are recorded.
+        queues: the observers' dropped counts and queue bounds.
+        registry: where the saturation metrics live.
+        scenario: the scenario label.
+    """
+
+    def __init__(
+        self, book: ResultBook, queues: QueueStats, registry: CollectorRegistry, scenario: str
+    ) -> None:
+        self._book = book
+        self._queues = queues
+        self._seen_lags = 0
+        self._dropped: dict[str, int] = {}
+        self._saturated_since_s: float | None = None
+        self._last_warning_s = -math.inf
+        self.windows_saturated = 0
+        self.worst_lag_p99_s: float | None = None
+        self.limits_hit: set[str] = set()
+        self._scenario = scenario
+        self._gauge = Gauge(
+            "fleetprobe_prober_saturated",
+            "1 while the prober itself is the limit (emission lag p99 over 10 ms in the last "
+            "second, or an observer queue overflowed), else 0.",
+            ["scenario"],
+            registry=registry,
+        ).labels(scenario)
+        self._dropped_total = Counter(
+            "fleetprobe_observer_dropped",
+            "Received messages an observer dropped because its bounded queue was full.",
+            ["scenario", "observer"],
+            registry=registry,
+        )
+
+    def check(self, now_s: float, window_s: float) -> None:
+        """Judge the window that ends now (``now_s`` since emission began)."""
+        problems = [*self._lag_problem(window_s), *self._queue_problems(window_s)]
+        self._gauge.set(1 if problems else 0)
+        if problems:
+            self.windows_saturated += 1
+            if self._saturated_since_s is None:
+                self._saturated_since_s = now_s
+            if now_s - self._last_warning_s >= REPEAT_EVERY_S:
+                self._last_warning_s = now_s
+                log.warning(
+                    "the prober is saturated: %s; what it measures now includes its own "
+                    "delay or loss (send fewer signals, sample the chains, or run shards)",
+                    "; ".join(problems),
+                )
+        elif self._saturated_since_s is not None:
+            log.info(
+                "the prober keeps up again after %.0fs saturated",
+                now_s - self._saturated_since_s,
+            )
+            self._saturated_since_s = None
+            self._last_warning_s = -math.inf
+
+    def _lag_problem(self, window_s: float) -> list[str]:
+        lags = self._book.emission_lag.since(self._seen_lags)
+        self._seen_lags += len(lags)
+        late = sum(1 for lag in lags if lag > LAG_LIMIT_S)
+        if not lags or late * 100 <= len(lags):  # p99 within the limit
+            return []
+        ordered = sorted(lags)
+        p99 = ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+        if self.worst_lag_p99_s is None or p99 > self.worst_lag_p99_s:
+            self.worst_lag_p99_s = p99
+        self.limits_hit.add("emission_lag")
+        return [
+            f"emission lag p99 {format_ms(p99)} over the last {window_s:g}s "
+            f"(limit {format_ms(LAG_LIMIT_S)}) at {len(lags) / window_s:,.0f} signals/s"
+        ]
+
+    def _queue_problems(self, window_s: float) -> list[str]:
+        problems = []
+        for kind, (dropped, limit) in self._queues().items():
+            new = dropped - self._dropped.get(kind, 0)
+            if new > 0:
+                self._dropped[kind] = dropped
+                self._dropped_total.labels(self._scenario, kind).inc(new)
+                self.limits_hit.add(f"{kind}_inbound_queue")
+                bound = f" of {limit:,} messages" if limit else ""
+                problems.append(
+                    f"the {kind} observer's queue{bound} overflowed: {new:,} received "
+                    f"messages dropped in the last {window_s:g}s (their hops will time out)"
+                )
+        return problems
+
+    def as_report(self) -> dict[str, Any]:
+        """What report.json keeps: whether and how the prober was the limit."""
+        return {
+            "saturated": bool(self.limits_hit),
+            "limits_hit": sorted(self.limits_hit),
+            "windows_saturated": self.windows_saturated,
+            "worst_lag_p99_s": self.worst_lag_p99_s,
+            "observer_dropped": dict(self._dropped),
+        }
+
+    def summary_lines(self) -> list[str]:
+        """Warnings for the end-of-run summary; none when the prober kept up."""
+        lines = []
+        for kind, dropped in sorted(self._dropped.items()):
+            lines.append(
+                f"  WARNING: the {kind} observer dropped {dropped:,} received messages "
+                "(its queue was full): timeouts at its hops include the prober's own loss"
+            )
+        return lines
