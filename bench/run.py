@@ -14,7 +14,9 @@ Everything runs against one Mosquitto that this script starts on loopback (with
   (fleetprobe's session and aiomqtt) at 1,000/s.
 * ``memory``: bytes per in-flight signal with 1,000,000 signals in the tracker.
 * ``scrape``: rendering /metrics with every label set of a 10-chain scenario.
-* ``sessions``: 10,000 per-vehicle MQTT sessions in one process: connect time, memory.
+* ``sessions``: 10,000 per-vehicle MQTT sessions in one process: connect time and memory
+  of the sessions, then a run with them (each vehicle every 2 s): follow rate, memory per
+  vehicle.
 
 Run: ``python bench/run.py [--quick] [--only follow,floor] [--json bench/results.json]``.
 It prints one table per section and, with ``--json``, writes every figure.
@@ -229,8 +231,10 @@ async def bench_clients(broker: MosquittoProcess, settings: Settings) -> dict[st
 # --------------------------------------------------------------------------
 
 
-def scenario(url: str, rate: int, hops: int, duration_s: float, **mqtt: Any) -> dict[str, Any]:
-    """``rate`` signals/s from vehicles sending every 100 ms, followed through ``hops``
+def scenario(
+    url: str, rate: int, hops: int, duration_s: float, every_s: float = 0.1, **mqtt: Any
+) -> dict[str, Any]:
+    """``rate`` signals/s from vehicles sending every ``every_s``, followed through ``hops``
     subscriptions that each receive every signal (3 hops: three copies from the broker)."""
     filters = ["bench/+/telemetry", "bench/#", "+/+/telemetry"][:hops]
     return {
@@ -239,10 +243,13 @@ def scenario(url: str, rate: int, hops: int, duration_s: float, **mqtt: Any) -> 
         "seed": 1,
         "target": {"mqtt": {"url": url, "sessions": "pooled", "pool": 4, **mqtt}},
         "fleet": {
-            "vehicles": max(1, rate // 10),
+            "vehicles": max(1, round(rate * every_s)),
             "area": {"lat": 48.78, "lon": 9.18, "radius_km": 10},
             "profiles": [
-                {"name": "car", "signals": {"telemetry": {"every": "100ms", "jitter": "10%"}}}
+                {
+                    "name": "car",
+                    "signals": {"telemetry": {"every": f"{every_s}s", "jitter": "10%"}},
+                }
             ],
         },
         "signals": {
@@ -280,6 +287,7 @@ class RunFigures:
     lag_p99_ms: float
     ok_ratio: float
     first_hop_ms: dict[str, float]
+    peak_rss_bytes: int
 
     @property
     def saturated(self) -> bool:
@@ -291,8 +299,8 @@ async def run_fleetprobe(spec: dict[str, Any], workdir: Path) -> RunFigures:
     path = _write_scenario(spec, workdir)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "fleetprobe",
+        "-c",
+        _PEAK_RSS_RUN,
         "run",
         str(path),
         "--metrics-listen",
@@ -307,6 +315,19 @@ async def run_fleetprobe(spec: dict[str, Any], workdir: Path) -> RunFigures:
     return _run_figures(spec, workdir)
 
 
+_PEAK_RSS_RUN = """
+import resource, sys
+from fleetprobe.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    with open("peak_rss", "w") as out:
+        out.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+sys.exit(code)
+"""
+"""``fleetprobe`` that writes its peak resident memory to ``peak_rss`` when it ends."""
+
+
 def _write_scenario(spec: dict[str, Any], workdir: Path) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "scenario.yaml"
@@ -316,6 +337,7 @@ def _write_scenario(spec: dict[str, Any], workdir: Path) -> Path:
 
 def _run_figures(spec: dict[str, Any], workdir: Path) -> RunFigures:
     report = json.loads((workdir / "report.json").read_text())
+    every_s = float(spec["fleet"]["profiles"][0]["signals"]["telemetry"]["every"].rstrip("s"))
     duration_s = float(spec["duration"].rstrip("s"))
     chain = report["chains"]["telemetry"]
     latencies = []
@@ -325,12 +347,13 @@ def _run_figures(spec: dict[str, Any], workdir: Path) -> RunFigures:
             latencies.append(hop["latency_s"] * 1000)
     lag = report["emission_lag_s"]
     return RunFigures(
-        rate=int(spec["fleet"]["vehicles"]) * 10,
+        rate=round(int(spec["fleet"]["vehicles"]) / every_s),
         sent_per_s=report["signals"]["telemetry"]["sent"] / duration_s,
         lag_p50_ms=(lag["p50"] or 0) * 1000,
         lag_p99_ms=(lag["p99"] or 0) * 1000,
         ok_ratio=chain["ok"] / max(1, chain["followed"]),
         first_hop_ms={q: quantile(latencies, v) for q, v in _QS.items()},
+        peak_rss_bytes=int((workdir / "peak_rss").read_text()),
     )
 
 
@@ -556,7 +579,34 @@ asyncio.run(main())
 """
 
 
-def bench_sessions(broker: MosquittoProcess, settings: Settings) -> dict[str, Any]:
+async def bench_sessions(
+    broker: MosquittoProcess, settings: Settings, workdir: Path
+) -> dict[str, Any]:
+    """Connect time and memory of the sessions alone, then ``fleetprobe run`` with one
+    session per vehicle, each sending every 2 s: its follow rate and its peak memory per
+    vehicle beside a 10-vehicle run (fleet model, sessions, signals in flight: all of it)."""
+    connect = _sessions_alone(broker, settings)
+    count = settings.sessions
+    runs = {}
+    for vehicles in (10, count):
+        runs[vehicles] = await run_fleetprobe(
+            scenario(
+                broker.url, vehicles // 2, 1, settings.run_s, every_s=2.0, sessions="per_vehicle"
+            ),
+            workdir / f"sessions-{vehicles}",
+        )
+    many, few = runs[count], runs[10]
+    return {
+        **connect,
+        "follow_rate": many.sent_per_s,
+        "lag_p99_ms": many.lag_p99_ms,
+        "ok_ratio": many.ok_ratio,
+        "peak_rss_bytes": many.peak_rss_bytes,
+        "bytes_per_vehicle": (many.peak_rss_bytes - few.peak_rss_bytes) / (count - 10),
+    }
+
+
+def _sessions_alone(broker: MosquittoProcess, settings: Settings) -> dict[str, Any]:
     out = subprocess.run(
         [
             sys.executable,
@@ -608,7 +658,7 @@ async def measure(settings: Settings, only: set[str], workdir: Path) -> dict[str
         if "lag" in only and saturation:
             results["lag"] = await bench_lag(broker, settings, workdir, saturation)
         if "sessions" in only:
-            results["sessions"] = bench_sessions(broker, settings)
+            results["sessions"] = await bench_sessions(broker, settings, workdir)
     if "memory" in only:
         results["memory"] = bench_memory(settings)
     if "scrape" in only:
@@ -670,8 +720,26 @@ def render(results: dict[str, Any]) -> str:
         out.append(
             table(
                 "\nper-vehicle sessions in one process",
-                ["sessions", "connect s", "bytes/session"],
-                [[s["sessions"], s["connect_s"], s["bytes_per_session"]]],
+                [
+                    "sessions",
+                    "connect s",
+                    "bytes/session",
+                    "follow/s",
+                    "lag p99 ms",
+                    "ok",
+                    "bytes/vehicle (run)",
+                ],
+                [
+                    [
+                        s["sessions"],
+                        s["connect_s"],
+                        s["bytes_per_session"],
+                        s["follow_rate"],
+                        s["lag_p99_ms"],
+                        f"{s['ok_ratio']:.2%}",
+                        s["bytes_per_vehicle"],
+                    ]
+                ],
             )
         )
     if "memory" in results:

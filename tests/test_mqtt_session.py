@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -122,6 +123,43 @@ async def test_a_silent_broker_ends_the_session_after_one_and_a_half_keepalives(
         assert 1.4 <= time.monotonic() - silenced <= 2.5
         with pytest.raises(ConnectError, match="no answer from the broker within its keepalive"):
             await next_message(session)
+
+
+async def publish_every_50ms(session: MqttSession, topic: str) -> None:
+    while True:
+        await session.publish(topic, b"x")
+        await asyncio.sleep(0.05)
+
+
+async def test_a_session_that_only_publishes_stays_connected(
+    broker: BrokerTarget, prefix: str
+) -> None:
+    """QoS 0 publishes never get an answer: the session pings anyway, and lives on."""
+    async with MqttSession(on(broker, "5", keepalive_s=1)) as session:
+        publishing = asyncio.create_task(publish_every_50ms(session, f"{prefix}/p"))
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(session.wait_disconnected(), 3.0)
+        finally:
+            publishing.cancel()
+
+
+async def test_a_publishing_session_notices_a_silent_broker(
+    black_hole_path: tuple[BrokerTarget, ProxySet], prefix: str
+) -> None:
+    """Writing all the time is no sign of life from the broker: unanswered pings end it."""
+    target, proxies = black_hole_path
+    async with MqttSession(target) as session:
+        publishing = asyncio.create_task(publish_every_50ms(session, f"{prefix}/p"))
+        try:
+            proxies.get("broker").add_toxic(
+                ToxicSpec(type="timeout", stream="downstream", attributes={"timeout": 0})
+            )
+            await asyncio.wait_for(session.wait_disconnected(), 5.0)
+        finally:
+            publishing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, SendError):
+                await publishing
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

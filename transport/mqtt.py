@@ -347,7 +347,8 @@ class MqttSession:
         self._inbound_limit = inbound_limit
         self._level = MQTT_5 if target.protocol == "5" else MQTT_311
         self._connection: _Connection | None = None
-        self._keepalive: asyncio.Task[None] | None = None
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._ping_sent_ns = 0
         self._packet_ids = _PacketIds()
         self._in_flight = asyncio.Semaphore(_DEFAULT_RECEIVE_MAXIMUM)
         self._max_packet_size = _MAX_PACKET_SIZE
@@ -378,7 +379,7 @@ class MqttSession:
                 )
             raise ConnectError(t.url, f"broker refused the connection ({detail})", reason="refused")
         self._apply_connack(connack)
-        self._keepalive = asyncio.create_task(self._keep_alive())
+        self._schedule_keepalive()
         return self
 
     async def _connect(self) -> Connack:
@@ -425,11 +426,9 @@ class MqttSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keepalive
-            self._keepalive = None
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
         connection, self._connection = self._connection, None
         if connection is None or connection.transport is None:
             return
@@ -449,22 +448,35 @@ class MqttSession:
         if connection is not None and connection.transport is not None:
             connection.transport.abort()
 
-    async def _keep_alive(self) -> None:
-        """PINGREQ when we have been silent for the keepalive; give up when the broker
-        has been silent for 1.5 times it (as brokers judge clients)."""
-        if not self._keepalive_s:
+    def _schedule_keepalive(self) -> None:
+        # A timer, not a task per session: 10,000 sessions' keepalive tasks waking together
+        # cost the loop enough to show as emission lag.
+        if self._keepalive_s:
+            loop = asyncio.get_running_loop()
+            self._keepalive_timer = loop.call_later(self._keepalive_s / 2, self._keep_alive)
+
+    def _keep_alive(self) -> None:
+        """PINGREQ when we have not written, or not heard from the broker, for half the
+        keepalive; give up when a ping stays unanswered for a whole keepalive.
+
+        Not hearing is reason enough to ping: a fleet session that only publishes at QoS 0
+        writes all the time and would otherwise never learn that the broker went silent.
+        """
+        connection = self._connection
+        if connection is None or connection.closed.done():
             return
-        interval_ns = self._keepalive_s * 1_000_000_000
-        connection = self._connected()
-        while not connection.closed.done():
-            await asyncio.sleep(self._keepalive_s / 4)
-            now = time.monotonic_ns()
-            if now - connection.last_read_ns > interval_ns * 3 // 2:
-                connection.abort("no answer from the broker within its keepalive")
-                return
-            if now - connection.last_write_ns >= interval_ns // 2:
-                with contextlib.suppress(SendError):
-                    connection.write(encode_pingreq())
+        now = time.monotonic_ns()
+        keepalive_ns = self._keepalive_s * 1_000_000_000
+        unanswered = self._ping_sent_ns > connection.last_read_ns
+        if unanswered and now - self._ping_sent_ns >= keepalive_ns:
+            connection.abort("no answer from the broker within its keepalive")
+            return
+        idle_ns = now - min(connection.last_write_ns, connection.last_read_ns)
+        if not unanswered and idle_ns >= keepalive_ns // 2:
+            with contextlib.suppress(SendError):
+                connection.write(encode_pingreq())
+                self._ping_sent_ns = now
+        self._schedule_keepalive()
 
     async def wait_disconnected(self) -> None:
         """Return when the connection is lost (or closed)."""
