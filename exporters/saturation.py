@@ -24,6 +24,9 @@ LAG_LIMIT_S = 0.010
 """Emission lag p99 above which the prober no longer keeps the fleet's schedule."""
 REPEAT_EVERY_S = 10.0
 """While saturation lasts, the warning is repeated this often (not every second)."""
+CLEAN_WINDOWS_TO_RECOVER = 3
+"""Saturation ends after this many windows in a row within the limits: a prober at its
+limit passes and fails alternate seconds, and one line per flip would only be noise."""
 
 log = logging.getLogger("fleetprobe")
 
@@ -49,6 +52,7 @@ class SaturationWatch:
         self._seen_lags = 0
         self._dropped: dict[str, int] = {}
         self._saturated_since_s: float | None = None
+        self._clean_windows = 0
         self._last_warning_s = -math.inf
         self.windows_saturated = 0
         self.worst_lag_p99_s: float | None = None
@@ -73,9 +77,10 @@ class SaturationWatch:
         problems = [*self._lag_problem(window_s), *self._queue_problems(window_s)]
         self._gauge.set(1 if problems else 0)
         if problems:
+            self._clean_windows = 0
             self.windows_saturated += 1
             if self._saturated_since_s is None:
-                self._saturated_since_s = now_s
+                self._saturated_since_s = now_s - window_s
             if now_s - self._last_warning_s >= REPEAT_EVERY_S:
                 self._last_warning_s = now_s
                 log.warning(
@@ -84,12 +89,15 @@ class SaturationWatch:
                     "; ".join(problems),
                 )
         elif self._saturated_since_s is not None:
-            log.info(
-                "the prober keeps up again after %.0fs saturated",
-                now_s - self._saturated_since_s,
-            )
-            self._saturated_since_s = None
-            self._last_warning_s = -math.inf
+            self._clean_windows += 1
+            if self._clean_windows >= CLEAN_WINDOWS_TO_RECOVER:
+                log.info(
+                    "the prober keeps up again (saturated from %.0fs to %.0fs of the run)",
+                    self._saturated_since_s,
+                    now_s - self._clean_windows * window_s,
+                )
+                self._saturated_since_s = None
+                self._last_warning_s = -math.inf
 
     def _lag_problem(self, window_s: float) -> list[str]:
         lags = self._book.emission_lag.since(self._seen_lags)
