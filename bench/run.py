@@ -14,6 +14,9 @@ Everything runs against one Mosquitto that this script starts on loopback (with
   (fleetprobe's session and aiomqtt) at 1,000/s.
 * ``memory``: bytes per in-flight signal with 1,000,000 signals in the tracker.
 * ``scrape``: rendering /metrics with every label set of a 10-chain scenario.
+* ``http``: the webhook receiver and the http_poll observer with a real tracker, fed by a
+  load process (webhook calls over 32 connections; a state API that shows each vehicle's
+  signal at once): marks per second.
 * ``sessions``: 10,000 per-vehicle MQTT sessions in one process: connect time and memory
   of the sessions, then a run with them (each vehicle every 2 s): follow rate, memory per
   vehicle.
@@ -72,10 +75,17 @@ class Settings:
     floor_s: float = 10.0
     inflight: int = 1_000_000
     sessions: int = 10_000
+    http_marks: int = 20_000
 
 
 QUICK = Settings(
-    messages=10_000, run_s=3.0, ladder=(2_000, 8_000), floor_s=3.0, inflight=100_000, sessions=500
+    messages=10_000,
+    run_s=3.0,
+    ladder=(2_000, 8_000),
+    floor_s=3.0,
+    inflight=100_000,
+    sessions=500,
+    http_marks=2_000,
 )
 
 
@@ -556,6 +566,133 @@ def bench_scrape() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
+# http observers: marks per second from webhook calls and state-API polls
+# --------------------------------------------------------------------------
+
+
+class _Verdicts:
+    """The tracker's listener for the observer benchmarks: counts verdicts, sets ``done``."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.ok = 0
+        self.judged = 0
+        self.done = asyncio.Event()
+
+    def on_verdict(self, signal: Any) -> None:
+        self.judged += 1
+        self.ok += signal.verdict.value == "ok"
+        if self.judged == self.expected:
+            self.done.set()
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args: None  # retired, duplicates, unmatched, poll errors: not counted
+
+
+_WEBHOOK_LOAD = """
+import asyncio, sys, aiohttp
+url, count, concurrency = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+async def main():
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        ids = iter(range(count))
+        async def worker():
+            for i in ids:
+                async with session.post(url, json={"trace_id": f"{i + 1:032x}"}) as response:
+                    await response.read()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+asyncio.run(main())
+"""
+
+_STATE_API = """
+import sys
+from aiohttp import web
+async def state(request):
+    return web.json_response({"last_trace_id": f"{int(request.match_info['n']) + 1:032x}"})
+app = web.Application()
+app.router.add_get("/vehicles/{n}", state)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=lambda *a: None)
+"""
+
+
+async def bench_http_observers(settings: Settings) -> dict[str, Any]:
+    """The webhook receiver and the http_poll observer, each in this process with a real
+    tracker, fed by a load process of its own: marks (verdicts) per second."""
+    from probes.chains import ChainSpec, HopSpec
+    from probes.observers.base import ObserverContext, WatchedHop
+    from probes.observers.http_poll import HttpPollHop, HttpPollObserver
+    from probes.observers.webhook import WebhookHop, WebhookObserver
+    from probes.tracker import Tracker
+    from testbed.mosquitto import free_port
+
+    count = settings.http_marks
+    results: dict[str, Any] = {}
+    for kind in ("webhook", "http_poll"):
+        port = free_port()
+        chain = ChainSpec("c", "telemetry", (HopSpec("h", 120.0, latest=True, uses_fields=True),))
+        verdicts = _Verdicts(count)
+        tracker = Tracker([chain], verdicts)
+        context = ObserverContext(
+            tracker, BrokerTarget("127.0.0.1", 1), verdicts, ("127.0.0.1", port)
+        )
+        config: Any
+        if kind == "webhook":
+            config = WebhookHop(path="/hooks/bench")
+            observer: Any = WebhookObserver([WatchedHop(0, 0, "c", "h", config)], context)
+            load = [_WEBHOOK_LOAD, f"http://127.0.0.1:{port}/hooks/bench", str(count), "32"]
+        else:
+            config = HttpPollHop(
+                url=f"http://127.0.0.1:{port}/vehicles/{{vin}}",
+                every="100ms",
+                concurrency=64,
+                trace_id="$.last_trace_id",
+            )
+            observer = HttpPollObserver([WatchedHop(0, 0, "c", "h", config)], context)
+            load = [_STATE_API, str(port)]
+        now = time.monotonic_ns()
+        for i in range(count):
+            trace_id = f"{i + 1:032x}"  # an all-zero trace id is invalid (W3C)
+            tracker.follow(
+                0, trace_id, "telemetry", str(i), now, now, time.time_ns(), {"vin": str(i)}
+            )
+        server = None
+        if kind == "http_poll":
+            server = await asyncio.create_subprocess_exec(sys.executable, "-c", *load)
+            await _wait_for_port(port)
+        await observer.start()
+        running = asyncio.create_task(observer.run())
+        started = time.perf_counter()
+        feeder = None
+        if kind == "webhook":
+            feeder = await asyncio.create_subprocess_exec(sys.executable, "-c", *load)
+        try:
+            async with asyncio.timeout(120):
+                await verdicts.done.wait()
+            elapsed = time.perf_counter() - started
+        finally:
+            running.cancel()
+            await observer.close()
+            for process in (feeder, server):
+                if process is not None and process.returncode is None:
+                    process.kill()
+                    await process.wait()
+        results[kind] = {"marks": verdicts.ok, "marks_per_s": verdicts.ok / elapsed}
+    return results
+
+
+async def _wait_for_port(port: int) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)  # the server process is starting: poll its port
+                continue
+            writer.close()
+            return
+
+
+# --------------------------------------------------------------------------
 # sessions: many per-vehicle connections in one process
 # --------------------------------------------------------------------------
 
@@ -663,6 +800,8 @@ async def measure(settings: Settings, only: set[str], workdir: Path) -> dict[str
         results["memory"] = bench_memory(settings)
     if "scrape" in only:
         results["scrape"] = bench_scrape()
+    if "http" in only:
+        results["http"] = await bench_http_observers(settings)
     return results
 
 
@@ -760,10 +899,18 @@ def render(results: dict[str, Any]) -> str:
                 [[s["series"], s["bytes"], s["render_ms_p50"], s["render_ms_max"]]],
             )
         )
+    if "http" in results:
+        out.append(
+            table(
+                "\nhttp observers (marks per second)",
+                ["observer", "marks", "marks/s"],
+                [[k, v["marks"], v["marks_per_s"]] for k, v in results["http"].items()],
+            )
+        )
     return "\n".join(out)
 
 
-SECTIONS = ("clients", "follow", "floor", "lag", "sessions", "memory", "scrape")
+SECTIONS = ("clients", "follow", "floor", "lag", "sessions", "memory", "scrape", "http")
 
 
 def main() -> None:
