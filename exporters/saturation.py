@@ -118,10 +118,11 @@ class SaturationWatch:
     def _queue_problems(self, window_s: float) -> list[str]:
         problems = []
         for kind, (dropped, limit) in self._queues().items():
+            counter = self._dropped_total.labels(self._scenario, kind)  # 0 exists from the start
             new = dropped - self._dropped.get(kind, 0)
             if new > 0:
                 self._dropped[kind] = dropped
-                self._dropped_total.labels(self._scenario, kind).inc(new)
+                counter.inc(new)
                 self.limits_hit.add(f"{kind}_inbound_queue")
                 bound = f" of {limit:,} messages" if limit else ""
                 problems.append(

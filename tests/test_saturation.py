@@ -51,11 +51,12 @@ def test_a_queue_overflow_is_counted_and_named_once_per_new_drop(
     queues = {"mqtt": (0, 100_000)}
     watch, registry = watch_over(book, queues)
     watch.check(1.0, 1.0)
+    labels = {"scenario": "s", "observer": "mqtt"}
+    assert registry.get_sample_value("fleetprobe_observer_dropped_total", labels) == 0
     queues["mqtt"] = (250, 100_000)
     with caplog.at_level(logging.WARNING, logger="fleetprobe"):
         watch.check(2.0, 1.0)
     assert "the mqtt observer's queue of 100,000 messages overflowed: 250 received" in caplog.text
-    labels = {"scenario": "s", "observer": "mqtt"}
     assert registry.get_sample_value("fleetprobe_observer_dropped_total", labels) == 250
     with caplog.at_level(logging.INFO, logger="fleetprobe"):
         for second in (3.0, 4.0, 5.0):
