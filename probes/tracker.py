@@ -47,9 +47,17 @@ class TrackerListener(Protocol):
 class Tracker:
     """Follows signals through the hops of every chain."""
 
-    def __init__(self, chains: Sequence[ChainSpec], listener: TrackerListener) -> None:
+    def __init__(
+        self,
+        chains: Sequence[ChainSpec],
+        listener: TrackerListener,
+        owns: Callable[[str], bool] | None = None,
+    ) -> None:
+        """``owns(trace_id)`` says whether an id nobody follows is this tracker's to count
+        as unmatched; under sharding, other shards' ids are not (default: all are)."""
         self.chains = tuple(chains)
         self._listener = listener
+        self._owns = owns
         self._tables: list[dict[str, FollowedSignal]] = [{} for _ in self.chains]
         self._within_ns = [[round(h.within_s * 1e9) for h in c.hops] for c in self.chains]
         self._order_tolerance_ns = round(ORDER_TOLERANCE_S * 1e9)
@@ -288,6 +296,8 @@ class Tracker:
         if not self.chains[chain_index].follows(trace_id):
             return
         if any(trace_id in table for table in self._tables):
+            return
+        if self._owns is not None and not self._owns(trace_id):
             return
         late = trace_id in self._retired[chain_index]
         self._listener.on_unmatched(chain_index, hop_index, LATE if late else UNKNOWN_TRACE_ID)

@@ -17,6 +17,7 @@ from simulator.fleet import (
     Vehicle,
     build_fleet,
     shard_of,
+    shard_of_trace_id,
 )
 from simulator.publisher import MqttPublisher, Outgoing, SignalSpec, iso_utc
 from simulator.templates import PayloadTemplate, TemplateError, TextTemplate
@@ -42,4 +43,5 @@ __all__ = [
     "is_valid_vin",
     "iso_utc",
     "shard_of",
+    "shard_of_trace_id",
 ]

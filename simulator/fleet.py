@@ -107,16 +107,33 @@ class Emission:
     fields: dict[str, Any]
 
 
+def vin_hash(vin: str) -> int:
+    """A VIN's stable 64-bit hash, the same in every process and run."""
+    return int.from_bytes(hashlib.blake2b(vin.encode(), digest_size=8).digest(), "big")
+
+
 def shard_of(vin: str, shards: int) -> int:
-    """The shard a VIN belongs to: a stable hash, the same in every process and run."""
-    digest = hashlib.blake2b(vin.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % shards
+    """The shard a VIN belongs to."""
+    return vin_hash(vin) % shards
+
+
+def shard_of_trace_id(trace_id: str, shards: int) -> int:
+    """The shard whose vehicle sent ``trace_id`` (a fleetprobe trace id: 32 hex digits).
+
+    Every shard's observers see the whole platform's output; this tells a shard which ids
+    are another shard's to count, without asking it.
+    """
+    return int(trace_id[:16], 16) % shards
 
 
 def trace_ids_for(seed: int, vin: str, signal: str, seq: int) -> tuple[str, str]:
-    """A W3C trace-id and span-id, derived from the signal's identity (deterministic)."""
-    digest = hashlib.blake2b(f"{seed}/{vin}/{signal}/{seq}".encode(), digest_size=24).hexdigest()
-    return digest[:32], digest[32:]
+    """A W3C trace-id and span-id, derived from the signal's identity (deterministic).
+
+    The trace id's first 64 bits are the VIN's hash (:func:`shard_of_trace_id`), the rest
+    and the span id depend on the signal, its sequence number and the seed.
+    """
+    digest = hashlib.blake2b(f"{seed}/{vin}/{signal}/{seq}".encode(), digest_size=16).hexdigest()
+    return f"{vin_hash(vin):016x}{digest[:16]}", digest[16:]
 
 
 class Vehicle:

@@ -12,7 +12,16 @@ import pytest
 import simpy
 
 from simulator.clock import FleetClock
-from simulator.fleet import Area, Cadence, Emission, FleetSpec, Profile, build_fleet
+from simulator.fleet import (
+    Area,
+    Cadence,
+    Emission,
+    FleetSpec,
+    Profile,
+    build_fleet,
+    shard_of,
+    shard_of_trace_id,
+)
 from simulator.geo import distance_km
 
 AREA = Area(lat=48.78, lon=9.18, radius_km=5.0)
@@ -172,6 +181,16 @@ def test_shards_partition_the_fleet() -> None:
     whole_profiles = {v.vin: v.profile for v in build_fleet(spec)}
     for i in range(3):
         assert all(whole_profiles[v.vin] == v.profile for v in build_fleet(spec, (i, 3)))
+
+
+def test_a_trace_id_names_the_shard_of_its_vehicle() -> None:
+    """Every trace id a vehicle sends maps to the vehicle's shard, for any shard count."""
+    emissions = simulate(SPEC, 30)
+    assert len({e.trace_id for e in emissions}) == len(emissions)
+    for count in (2, 3, 7):
+        assert all(
+            shard_of_trace_id(e.trace_id, count) == shard_of(e.vin, count) for e in emissions
+        )
 
 
 def test_a_vehicle_emits_the_same_in_a_shard_as_in_the_whole_fleet() -> None:

@@ -289,6 +289,15 @@ def test_id_not_sampled_by_the_chain_is_ignored() -> None:
     assert rec.unmatched == [(0, 0, UNKNOWN_TRACE_ID)]
 
 
+def test_an_id_of_another_shard_is_not_this_trackers_to_count() -> None:
+    """Under sharding every shard sees every output; only its own unknown ids count."""
+    recorder = Recorder()
+    tracker = Tracker((THREE_HOPS,), recorder, owns=lambda trace_id: trace_id.endswith("1"))
+    tracker.observe(0, 0, tid(2), T0)  # another shard's signal
+    tracker.observe(0, 0, tid(1), T0)  # this shard's id, not followed
+    assert recorder.unmatched == [(0, 0, UNKNOWN_TRACE_ID)]
+
+
 def test_forget_gives_no_verdict_and_no_retirement() -> None:
     """A forgotten signal leaves the table, gets no verdict, is not retired; queues skip it."""
     tracker, rec = make()
