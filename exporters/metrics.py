@@ -229,5 +229,26 @@ class ProbeMetrics:
         counter.labels(self.scenario, chain.name, chain.hops[hop_index].name, reason).inc()
 
 
+def export_objectives(
+    registry: CollectorRegistry,
+    scenario: str,
+    objectives: Sequence[tuple[str, str | None, str, float]],
+) -> None:
+    """Export each objective ``(chain, hop, metric, value)`` of the scenario as a gauge, so
+    that alert rules compare a measure with its own objective instead of a copied number.
+
+    ``metric`` is ``success_ratio`` (a ratio) or a latency quantile ``p50`` .. ``max``
+    (seconds); ``hop`` is empty for an objective on the whole chain.
+    """
+    gauge = Gauge(
+        "fleetprobe_objective",
+        "An objective of the scenario: success_ratio (ratio) or latency p50..max (seconds).",
+        ["scenario", "chain", "hop", "metric"],
+        registry=registry,
+    )
+    for chain, hop, metric, value in objectives:
+        gauge.labels(scenario, chain, hop or "", metric).set(value)
+
+
 def _bind(count: Callable[[int], int], index: int) -> Callable[[], float]:
     return lambda: float(count(index))

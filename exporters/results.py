@@ -22,6 +22,16 @@ class HopBook:
     poll_errors: Counter[str] = field(default_factory=Counter)
     webhook_rejected: Counter[str] = field(default_factory=Counter)
 
+    def merge(self, other: HopBook) -> None:
+        """Add what ``other`` recorded (the same hop, seen by another shard)."""
+        self.results.update(other.results)
+        self.latency.extend(other.latency)
+        self.step.extend(other.step)
+        self.duplicates += other.duplicates
+        self.unmatched.update(other.unmatched)
+        self.poll_errors.update(other.poll_errors)
+        self.webhook_rejected.update(other.webhook_rejected)
+
 
 @dataclass
 class ChainBook:
@@ -39,6 +49,15 @@ class ChainBook:
         """Signals judged (every followed signal is judged once)."""
         return sum(self.verdicts.values())
 
+    def merge(self, other: ChainBook) -> None:
+        """Add what ``other`` recorded (the same chain, followed by another shard)."""
+        self.verdicts.update(other.verdicts)
+        self.failed_at.update(other.failed_at)
+        self.latency.extend(other.latency)
+        for hop, theirs in zip(self.hops, other.hops, strict=True):
+            hop.merge(theirs)
+        self.unsent += other.unsent
+
 
 @dataclass
 class SignalBook:
@@ -55,6 +74,17 @@ class ResultBook:
         self.signals = {name: SignalBook() for name in signals}
         self.chains = [ChainBook(c, hops=[HopBook() for _ in c.hops]) for c in chains]
         self.emission_lag = Samples()
+
+    def merge(self, other: ResultBook) -> None:
+        """Add every count and latency of ``other``, a book of the same scenario kept by
+        another shard, so that quantiles and objectives are those of the whole fleet."""
+        for name, theirs in other.signals.items():
+            mine = self.signals[name]
+            mine.sent += theirs.sent
+            mine.send_errors.update(theirs.send_errors)
+        for chain, theirs_chain in zip(self.chains, other.chains, strict=True):
+            chain.merge(theirs_chain)
+        self.emission_lag.extend(other.emission_lag)
 
     def signal_sent(self, signal: str, lag_s: float | None) -> None:
         """A signal was handed to the MQTT client ``lag_s`` after it was due (None: late

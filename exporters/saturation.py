@@ -143,10 +143,30 @@ class SaturationWatch:
 
     def summary_lines(self) -> list[str]:
         """Warnings for the end-of-run summary; none when the prober kept up."""
-        lines = []
-        for kind, dropped in sorted(self._dropped.items()):
-            lines.append(
-                f"  WARNING: the {kind} observer dropped {dropped:,} received messages "
-                "(its queue was full): timeouts at its hops include the prober's own loss"
-            )
-        return lines
+        return summary_lines(self.as_report())
+
+
+def summary_lines(report: Mapping[str, Any]) -> list[str]:
+    """The end-of-run warnings of a ``prober`` report: one per observer that dropped."""
+    return [
+        f"  WARNING: the {kind} observer dropped {dropped:,} received messages "
+        "(its queue was full): timeouts at its hops include the prober's own loss"
+        for kind, dropped in sorted(report["observer_dropped"].items())
+    ]
+
+
+def merge_reports(reports: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``prober`` report of several shard processes: saturated if any one was."""
+    limits = sorted({limit for r in reports for limit in r["limits_hit"]})
+    lags = [r["worst_lag_p99_s"] for r in reports if r["worst_lag_p99_s"] is not None]
+    dropped: dict[str, int] = {}
+    for r in reports:
+        for kind, count in r["observer_dropped"].items():
+            dropped[kind] = dropped.get(kind, 0) + count
+    return {
+        "saturated": bool(limits),
+        "limits_hit": limits,
+        "windows_saturated": max((r["windows_saturated"] for r in reports), default=0),
+        "worst_lag_p99_s": max(lags, default=None),
+        "observer_dropped": dropped,
+    }

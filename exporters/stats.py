@@ -23,6 +23,11 @@ class Samples:
         self._values.append(value)
         self._sorted = None
 
+    def extend(self, other: Samples) -> None:
+        """Record every value of ``other`` too."""
+        self._values.extend(other._values)
+        self._sorted = None
+
     def __len__(self) -> int:
         return len(self._values)
 

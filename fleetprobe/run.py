@@ -11,8 +11,9 @@ import gc
 import logging
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import simpy
@@ -21,29 +22,26 @@ from prometheus_client import CollectorRegistry
 from exporters.alerts import AlertSender
 from exporters.fault_timeline import render_fault_timeline
 from exporters.health import HealthMonitor, HealthPolicy
-from exporters.junit import JudgedObjective, write_junit
 from exporters.live import LiveView
-from exporters.metrics import ProbeMetrics
-from exporters.report import build_report, write_json
+from exporters.metrics import ProbeMetrics, export_objectives
 from exporters.results import ResultBook
 from exporters.saturation import SaturationWatch
 from exporters.server import make_metrics_app
-from exporters.summary import render_summary
 from exporters.traces import TraceLog
 from faults.backends import BackendError
+from fleetprobe.conclusion import RunRecord, RunResult, conclude
 from fleetprobe.emitter import Emitter
 from fleetprobe.exit_codes import ExitCode
 from fleetprobe.fault_rig import FaultRig
 from fleetprobe.interruption import INTERRUPT_DRAIN_S, Interruption
-from fleetprobe.objectives import Outcome, evaluate
-from fleetprobe.outcomes import ExpectedOutcome, SignalLedger, judge
+from fleetprobe.outcomes import SignalLedger, judge
 from fleetprobe.plan import make_plan
 from fleetprobe.scenario import LoadedScenario
 from probes.chains import FollowedSignal
 from probes.observers import Observer, ObserverContext, ObserverSetupError, hop_kinds
 from probes.tracker import Tracker, sweep_deadlines
 from simulator.clock import FleetClock
-from simulator.fleet import Vehicle, build_fleet
+from simulator.fleet import Vehicle, build_fleet, shard_of_trace_id
 from simulator.publisher import MqttPublisher, iso_utc
 from transport.errors import ConnectError, TransportError
 from transport.http import HttpClient
@@ -67,17 +65,6 @@ class RunOptions:
     handle_signals: bool = True
 
 
-@dataclass
-class RunResult:
-    """What a run ended with."""
-
-    exit_code: int
-    report: dict[str, Any]
-    outcomes: list[Outcome] = field(default_factory=list)
-    expectations: list[ExpectedOutcome] = field(default_factory=list)
-    metrics_port: int | None = None
-
-
 async def run_scenario(loaded: LoadedScenario, options: RunOptions | None = None) -> RunResult:
     """Run a validated scenario to its end (or an interruption) and write its reports."""
     return await _Run(loaded, options or RunOptions()).execute()
@@ -95,6 +82,11 @@ class _Run:
         signals = list(self.plan.signals)
         self.metrics = ProbeMetrics(self.registry, scenario.name, signals, self.plan.chains)
         self.book = ResultBook(signals, self.plan.chains)
+        export_objectives(
+            self.registry,
+            scenario.name,
+            [(o.chain, o.hop, m, v) for o in scenario.slo for m, v in o.metrics().items()],
+        )
         health = scenario.health
         self.health = HealthMonitor(
             self.plan.chains,
@@ -113,7 +105,11 @@ class _Run:
         self.saturation = SaturationWatch(
             self.book, self._observer_queues, self.registry, scenario.name
         )
-        self.tracker = Tracker(self.plan.chains, self)
+        index, count = options.shard
+        owns = (
+            None if count == 1 else (lambda trace_id: shard_of_trace_id(trace_id, count) == index)
+        )
+        self.tracker = Tracker(self.plan.chains, self, owns)
         self.metrics.track_inflight(self.tracker.inflight)
         self.alerts: AlertSender | None = None
         self.interruption = Interruption()
@@ -325,49 +321,37 @@ class _Run:
 
     def _finish(self, started_at: str, started_ns: int) -> RunResult:
         """Judge the objectives, set the exit code, write the reports and the summary."""
-        result, scenario, interrupted = self.result, self.scenario, self.interruption.interrupted
-        if result.exit_code == ExitCode.OK and self.interruption.signal_number is not None:
-            result.exit_code = 128 + self.interruption.signal_number
-        result.outcomes = evaluate(scenario.slo, self.book)
+        result, scenario = self.result, self.scenario
+        exit_code = result.exit_code
+        if exit_code == ExitCode.OK and self.interruption.signal_number is not None:
+            exit_code = 128 + self.interruption.signal_number
         result.expectations = judge(
             scenario.expect, self.plan.chains, self.ledger, self.faults.times(), time.monotonic_ns()
         )
         self.faults.record_recoveries(result.expectations)
-        judged: list[JudgedObjective] = [*result.outcomes, *result.expectations]
-        if result.exit_code == ExitCode.OK and not all(o.ok for o in judged):
-            result.exit_code = ExitCode.OBJECTIVE_FAILED
-        result.report = build_report(
+        record = RunRecord(
             self.book,
-            scenario=scenario.name,
-            started_at=started_at,
-            ended_at=iso_utc(time.time_ns()),
-            exit_code=result.exit_code,
-            interrupted=interrupted,
-            objectives=[o.as_dict() for o in result.outcomes],
-            health=self.health.as_report(),
+            started_at,
+            iso_utc(time.time_ns()),
+            (time.monotonic_ns() - started_ns) / 1e9,
+            exit_code,
+            self.interruption.interrupted,
+            self.health.as_report(),
+            self.saturation.as_report(),
         )
-        result.report["prober"] = self.saturation.as_report()
+        sections, notes = {}, []
         if scenario.faults.timeline:
-            result.report["faults"] = self.faults.as_report(self.emission_start_ns)
-        if scenario.expect:
-            result.report["expectations"] = [e.as_dict() for e in result.expectations]
-        exporters = scenario.exporters
-        if exporters.json_path:
-            write_json(exporters.json_path, result.report)
-        if exporters.junit:
-            write_junit(
-                exporters.junit, scenario.name, judged, (time.monotonic_ns() - started_ns) / 1e9
-            )
-        out = self.options.out
-        if out is not None:
-            print(render_summary(self.book, scenario.name), file=out)
-            for line in self.saturation.summary_lines():
-                print(line, file=out)
-            if scenario.faults.timeline:
-                print(render_fault_timeline(result.report["faults"], self.duration_s), file=out)
-            for outcome in judged:
-                print(("  ok    " if outcome.ok else "  FAIL  ") + outcome.explanation, file=out)
-        return result
+            sections["faults"] = self.faults.as_report(self.emission_start_ns)
+            notes.append(render_fault_timeline(sections["faults"], self.duration_s))
+        return conclude(scenario, record, result, self.options.out, sections=sections, notes=notes)
+
+
+def _owned_by(shard: tuple[int, int]) -> Callable[[str], bool] | None:
+    """Whether a trace id is this shard's to count as unmatched (None: unsharded, all are)."""
+    index, count = shard
+    if count == 1:
+        return None
+    return lambda trace_id: shard_of_trace_id(trace_id, count) == index
 
 
 async def _observe(observer: Observer) -> None:

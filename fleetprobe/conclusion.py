@@ -1,0 +1,94 @@
+"""The end of a run: judge the objectives, set the exit code, write the reports and summary.
+
+One process or several shard processes end the same way, from one :class:`ResultBook`
+(for shards, the merge of theirs), so the objectives are always judged on the whole fleet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from exporters.junit import JudgedObjective, write_junit
+from exporters.report import build_report, write_json
+from exporters.results import ResultBook
+from exporters.saturation import summary_lines
+from exporters.summary import render_summary
+from fleetprobe.exit_codes import ExitCode
+from fleetprobe.objectives import Outcome, evaluate
+from fleetprobe.outcomes import ExpectedOutcome
+from fleetprobe.scenario.models import Scenario
+
+
+@dataclass
+class RunResult:
+    """What a run ended with."""
+
+    exit_code: int
+    report: dict[str, Any]
+    outcomes: list[Outcome] = field(default_factory=list)
+    expectations: list[ExpectedOutcome] = field(default_factory=list)
+    metrics_port: int | None = None
+    record: RunRecord | None = None  # what was judged
+
+
+@dataclass
+class RunRecord:
+    """What a run recorded, before it is judged."""
+
+    book: ResultBook
+    started_at: str
+    ended_at: str
+    elapsed_s: float
+    exit_code: int  # OK, or why the run could not be judged normally (128 + N: signal N)
+    interrupted: bool
+    health: list[dict[str, Any]]
+    prober: dict[str, Any]
+
+
+def conclude(
+    scenario: Scenario,
+    record: RunRecord,
+    result: RunResult,
+    out: TextIO | None,
+    *,
+    sections: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
+) -> RunResult:
+    """Judge ``record`` into ``result`` and write every report the scenario asks for.
+
+    ``result.expectations`` (fault drills) are judged already; ``sections`` are more
+    top-level keys of report.json, ``notes`` more lines of the summary.
+    """
+    result.record, result.exit_code = record, record.exit_code
+    result.outcomes = evaluate(scenario.slo, record.book)
+    judged: list[JudgedObjective] = [*result.outcomes, *result.expectations]
+    if result.exit_code == ExitCode.OK and not all(o.ok for o in judged):
+        result.exit_code = ExitCode.OBJECTIVE_FAILED
+    result.report = build_report(
+        record.book,
+        scenario=scenario.name,
+        started_at=record.started_at,
+        ended_at=record.ended_at,
+        exit_code=result.exit_code,
+        interrupted=record.interrupted,
+        objectives=[o.as_dict() for o in result.outcomes],
+        health=record.health,
+    )
+    result.report["prober"] = record.prober
+    result.report.update(sections or {})
+    if result.expectations:
+        result.report["expectations"] = [e.as_dict() for e in result.expectations]
+    exporters = scenario.exporters
+    if exporters.json_path:
+        write_json(exporters.json_path, result.report)
+    if exporters.junit:
+        write_junit(exporters.junit, scenario.name, judged, record.elapsed_s)
+    if out is not None:
+        print(render_summary(record.book, scenario.name), file=out)
+        for line in [*summary_lines(record.prober), *notes]:
+            print(line, file=out)
+        for outcome in judged:
+            print(("  ok    " if outcome.ok else "  FAIL  ") + outcome.explanation, file=out)
+    return result
