@@ -44,7 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fleetprobe.run import RunOptions, run_scenario
+    from fleetprobe.workers import run_workers
 
+    if args.workers > 1 and args.shard != (0, 1):
+        raise ValueError(
+            "give --workers or --shard, not both (for W workers on each of N hosts, use N*W shards)"
+        )
     loaded = load_scenario(args.scenario)
     options = RunOptions(
         duration_s=args.duration,
@@ -52,6 +57,8 @@ def _run(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen,
         out=sys.stdout,
     )
+    if args.workers > 1:
+        return asyncio.run(run_workers(loaded, args.scenario, options, args.workers)).exit_code
     return asyncio.run(run_scenario(loaded, options)).exit_code
 
 
@@ -132,6 +139,12 @@ def _shard(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -173,6 +186,14 @@ def _parser() -> argparse.ArgumentParser:
         default=(0, 1),
         metavar="I/N",
         help="run only shard I of N of the fleet (stable by VIN)",
+    )
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run the fleet as N shard processes (one per core) with one merged /metrics, "
+        "report and trace log",
     )
     run.add_argument(
         "--metrics-listen",

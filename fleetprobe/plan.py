@@ -25,6 +25,12 @@ class RunPlan:
     hops_by_kind: dict[str, list[WatchedHop]]
     broker: BrokerTarget
 
+    @property
+    def drain_s(self) -> float:
+        """How long a run waits after emission for its last signals: the longest hop
+        deadline, and a second for the sweep."""
+        return max((h.within_s for c in self.chains for h in c.hops), default=0.0) + 1.0
+
 
 def make_plan(scenario: Scenario, base_dir: Path) -> RunPlan:
     """Build the run's plan; TLS files are read relative to ``base_dir``."""

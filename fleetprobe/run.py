@@ -63,6 +63,8 @@ class RunOptions:
     metrics_listen: str | None = None  # overrides exporters.prometheus.listen
     out: TextIO | None = None  # the live view and the summary; None: progress is only logged
     handle_signals: bool = True
+    registry: CollectorRegistry | None = None  # where the metrics live (default: a new one)
+    on_listening: Callable[[int], None] | None = None  # told the /metrics port once served
 
 
 async def run_scenario(loaded: LoadedScenario, options: RunOptions | None = None) -> RunResult:
@@ -78,7 +80,7 @@ class _Run:
         self.options = options
         self.plan = make_plan(scenario, loaded.base_dir)
         self.duration_s = scenario.duration if options.duration_s is None else options.duration_s
-        self.registry = CollectorRegistry()
+        self.registry = options.registry or CollectorRegistry()
         signals = list(self.plan.signals)
         self.metrics = ProbeMetrics(self.registry, scenario.name, signals, self.plan.chains)
         self.book = ResultBook(signals, self.plan.chains)
@@ -208,6 +210,8 @@ class _Run:
         runner, self.result.metrics_port = await serve(make_metrics_app(self.registry), host, port)
         stack.push_async_callback(runner.cleanup)
         log.info("serving /metrics on http://%s:%d/metrics", host, self.result.metrics_port)
+        if self.options.on_listening is not None:
+            self.options.on_listening(self.result.metrics_port)
 
     async def _start_alerts(self, stack: AsyncExitStack) -> None:
         if not self.scenario.alerts:
@@ -293,7 +297,7 @@ class _Run:
             await emitter.flush()  # every QoS 1/2 send is acknowledged or counted as failed
             emitting = False
             self.live.phase = "draining"
-            drain_s = max((h.within_s for c in self.plan.chains for h in c.hops), default=0.0) + 1.0
+            drain_s = self.plan.drain_s
             if self.interruption.interrupted:
                 drain_s = min(drain_s, INTERRUPT_DRAIN_S)
             await asyncio.wait({sweeper, self.interruption.again}, timeout=drain_s)

@@ -1,0 +1,177 @@
+"""Shards as processes: `--shard I/N` processes and `--workers N` against one Mosquitto.
+
+The union of the shards must be the unsharded run, signal for signal, and `--workers`
+must give one report, one trace log and one /metrics for the whole fleet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from junitparser import JUnitXml
+
+from conftest import (
+    finish,
+    fleetprobe,
+    read_traces,
+    run_scenario_dict,
+    scenario_dict,
+    write_scenario,
+)
+from testbed.mosquitto import free_port
+
+
+def small_fleet(
+    broker_url: str, prefix: str, out: Path = Path("."), **overrides: Any
+) -> dict[str, Any]:
+    """60 vehicles at 5 signals/s each for 3 s, with every report written into ``out``."""
+    scenario = scenario_dict(broker_url, prefix, **{"duration": "3s", **overrides})
+    scenario["fleet"]["vehicles"] = 60
+    scenario["slo"] = [{"chain": "telemetry", "success_ratio": 0.9, "p99": "400ms"}]
+    scenario["exporters"] = {
+        "json": str(out / "report.json"),
+        "junit": str(out / "junit.xml"),
+        "traces": str(out / "traces.jsonl"),
+    }
+    return scenario
+
+
+def trace_ids(lines: list[dict[str, Any]]) -> set[str]:
+    return {line["trace_id"] for line in lines}
+
+
+async def test_three_shard_processes_equal_the_unsharded_run_signal_for_signal(
+    tmp_path: Path, broker_url: str, prefix: str
+) -> None:
+    """`--shard 0/3`, `1/3` and `2/3` at once on one broker: together exactly the unsharded
+    run's signals (same trace ids), each followed by its own shard, none counted twice."""
+    whole_dir, shard_dirs = tmp_path / "whole", [tmp_path / f"shard{i}" for i in range(3)]
+    for folder in (whole_dir, *shard_dirs):
+        folder.mkdir()
+    shards_scenario = small_fleet(broker_url, f"{prefix}s")
+    path = write_scenario(tmp_path / "shards.yaml", shards_scenario)
+    processes = [
+        await fleetprobe("run", str(path), "--shard", f"{i}/3", cwd=folder)
+        for i, folder in enumerate(shard_dirs)
+    ]
+    whole = await run_scenario_dict(whole_dir, small_fleet(broker_url, f"{prefix}w", whole_dir))
+    ends = await asyncio.gather(*(finish(p, 60) for p in processes))
+
+    assert [code for code, _, _ in ends] == [0, 0, 0], [err for _, _, err in ends]
+    shard_ids = [trace_ids(read_traces(folder)) for folder in shard_dirs]
+    assert all(shard_ids)
+    assert sum(len(ids) for ids in shard_ids) == len(set().union(*shard_ids))  # disjoint
+    assert set().union(*shard_ids) == trace_ids(read_traces(whole_dir))
+    reports = [json.loads((folder / "report.json").read_text()) for folder in shard_dirs]
+    sent = sum(r["signals"]["telemetry"]["sent"] for r in reports)
+    assert sent == whole.report["signals"]["telemetry"]["sent"] == len(set().union(*shard_ids))
+    for report in reports:  # each saw the others' messages and counted none of them
+        hop = report["chains"]["telemetry"]["hops"]["broker"]
+        assert hop["unmatched"] == {} and hop["duplicates"] == 0
+        assert report["chains"]["telemetry"]["ok"] == report["signals"]["telemetry"]["sent"]
+
+
+async def test_workers_give_one_report_trace_log_and_junit_for_the_whole_fleet(
+    tmp_path: Path, broker_url: str, prefix: str
+) -> None:
+    """`--workers 2`: the merged report, trace log and junit.xml equal the unsharded run's
+    counts, objectives judged once on all signals; the workers' shards are listed."""
+    (tmp_path / "whole").mkdir()
+    path = write_scenario(tmp_path / "s.yaml", small_fleet(broker_url, f"{prefix}m"))
+    process = await fleetprobe("run", str(path), "--workers", "2", cwd=tmp_path)
+    whole_dir = tmp_path / "whole"
+    whole = await run_scenario_dict(whole_dir, small_fleet(broker_url, f"{prefix}w", whole_dir))
+    code, out, err = await finish(process, 60)
+
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    lines = read_traces(tmp_path)
+    chain = report["chains"]["telemetry"]
+    sent = report["signals"]["telemetry"]["sent"]
+    assert sent == whole.report["signals"]["telemetry"]["sent"] == len(lines) == chain["ok"]
+    assert trace_ids(lines) == trace_ids(read_traces(whole_dir))
+    assert chain["hops"]["broker"]["unmatched"] == {}
+    assert [w["shard"] for w in report["workers"]] == ["shard 0/2", "shard 1/2"]
+    assert all(w["exit_code"] == 0 and w["results"] for w in report["workers"])
+    assert [o["metric"] for o in report["objectives"]] == ["success_ratio", "p99"]
+    cases = [
+        case.name for suite in JUnitXml.fromfile(str(tmp_path / "junit.xml")) for case in suite
+    ]
+    assert len(cases) == 2
+    assert f"followed {sent}, ok {sent}" in out  # one summary, of the whole fleet
+    assert "[shard 0/2]" in err and "[shard 1/2]" in err
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool (Debian: prometheus) not installed"
+)
+async def test_workers_serve_one_merged_metrics_endpoint(
+    tmp_path: Path, broker_url: str, prefix: str
+) -> None:
+    """The merged /metrics is valid for promtool; counters add up over the workers while
+    gauges that are the same in every shard (hop_up, objectives) are not doubled."""
+    port = free_port()
+    scenario = small_fleet(broker_url, prefix, duration="30s")
+    scenario["exporters"]["prometheus"] = {"listen": f"127.0.0.1:{port}"}
+    path = write_scenario(tmp_path / "s.yaml", scenario)
+    process = await fleetprobe("run", str(path), "--workers", "2", cwd=tmp_path)
+    text = ""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(30):
+        while 'fleetprobe_hop_up{chain="telemetry"' not in text or _sent(text) < 300:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                    text = await response.text()
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)  # polling a scrape target, as Prometheus does
+    process.send_signal(signal.SIGTERM)
+    code, _, err = await finish(process, 30)
+    report = json.loads((tmp_path / "report.json").read_text())
+
+    assert code == 143, err
+    assert report["interrupted"] is True and report["exit_code"] == 143
+    assert report["signals"]["telemetry"]["sent"] == len(read_traces(tmp_path)) >= _sent(text)
+    assert 'fleetprobe_hop_up{chain="telemetry",hop="broker",scenario="test"} 1.0' in text
+    assert 'hop="",metric="success_ratio",scenario="test"} 0.9' in text
+    promtool = await asyncio.create_subprocess_exec(
+        "promtool",
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(30):
+        verdict, _ = await promtool.communicate(text.encode())
+    assert promtool.returncode == 0, verdict.decode()
+
+
+def _sent(exposition: str) -> float:
+    prefix = 'fleetprobe_signals_sent_total{scenario="test",signal="telemetry"} '
+    for line in exposition.splitlines():
+        if line.startswith(prefix):
+            return float(line.removeprefix(prefix))
+    return 0.0
+
+
+async def test_workers_refuse_what_shards_cannot_share_before_anything_starts(
+    tmp_path: Path, broker_url: str, prefix: str
+) -> None:
+    """A webhook hop needs one receiver for all shards: exit 2 naming the hop, no worker."""
+    scenario = small_fleet(broker_url, prefix)
+    scenario["chains"][0]["hops"].append(
+        {"name": "hook", "webhook": {"path": "/hooks/t"}, "within": "1s"}
+    )
+    path = write_scenario(tmp_path / "s.yaml", scenario)
+    code, _, err = await finish(await fleetprobe("run", str(path), "--workers", "2", cwd=tmp_path))
+    assert code == 2
+    assert "--workers 2 cannot run webhook hop telemetry > hook" in err
+    assert "worker processes started" not in err
+    assert not (tmp_path / "report.json").exists()
