@@ -72,6 +72,7 @@ class Settings:
     messages: int = 100_000
     run_s: float = 8.0
     ladder: tuple[int, ...] = (2_000, 5_000, 8_000, 10_000, 12_000, 15_000, 20_000, 25_000)
+    workers_ladder: tuple[int, ...] = (10_000, 14_000, 16_000, 18_000, 20_000, 25_000, 30_000)
     floor_s: float = 10.0
     inflight: int = 1_000_000
     sessions: int = 10_000
@@ -82,6 +83,7 @@ QUICK = Settings(
     messages=10_000,
     run_s=3.0,
     ladder=(2_000, 8_000),
+    workers_ladder=(4_000, 12_000),
     floor_s=3.0,
     inflight=100_000,
     sessions=500,
@@ -304,7 +306,7 @@ class RunFigures:
         return self.lag_p99_ms > LAG_LIMIT_S * 1000 or self.ok_ratio < 1.0
 
 
-async def run_fleetprobe(spec: dict[str, Any], workdir: Path) -> RunFigures:
+async def run_fleetprobe(spec: dict[str, Any], workdir: Path, *options: str) -> RunFigures:
     """``fleetprobe run`` in a process of its own; figures from its report and trace log."""
     path = _write_scenario(spec, workdir)
     process = await asyncio.create_subprocess_exec(
@@ -315,6 +317,7 @@ async def run_fleetprobe(spec: dict[str, Any], workdir: Path) -> RunFigures:
         str(path),
         "--metrics-listen",
         "127.0.0.1:0",
+        *options,
         cwd=workdir,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -331,11 +334,14 @@ from fleetprobe.cli import main
 try:
     code = main(sys.argv[1:])
 finally:
+    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    peak = max(resource.getrusage(w).ru_maxrss for w in who)
     with open("peak_rss", "w") as out:
-        out.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+        out.write(str(peak * 1024))
 sys.exit(code)
 """
-"""``fleetprobe`` that writes its peak resident memory to ``peak_rss`` when it ends."""
+"""``fleetprobe`` that writes the peak resident memory of its largest process (itself or a
+worker) to ``peak_rss`` when it ends."""
 
 
 def _write_scenario(spec: dict[str, Any], workdir: Path) -> Path:
@@ -367,29 +373,33 @@ def _run_figures(spec: dict[str, Any], workdir: Path) -> RunFigures:
     )
 
 
-async def best_of_two(spec: dict[str, Any], workdir: Path) -> RunFigures:
+async def best_of_two(spec: dict[str, Any], workdir: Path, *options: str) -> RunFigures:
     """The better of two runs, by emission lag p99.
 
     On a shared machine noise only ever adds delay, so the better run is the closer
     measure of what fleetprobe itself can do; the second run is skipped when the first
     did not saturate.
     """
-    first = await run_fleetprobe(spec, workdir / "a")
+    first = await run_fleetprobe(spec, workdir / "a", *options)
     if not first.saturated:
         return first
-    second = await run_fleetprobe(spec, workdir / "b")
+    second = await run_fleetprobe(spec, workdir / "b", *options)
     return min(first, second, key=lambda r: (r.saturated, r.lag_p99_ms))
 
 
 async def follow_ladder(
-    url: str, hops: int, settings: Settings, workdir: Path
+    url: str, hops: int, settings: Settings, workdir: Path, workers: int = 1
 ) -> tuple[list[RunFigures], int]:
     """Runs up the ladder until one saturates; returns them and the highest unsaturated rate."""
     runs: list[RunFigures] = []
     best = 0
-    for rate in settings.ladder:
+    ladder = settings.ladder if workers == 1 else settings.workers_ladder
+    for rate in ladder:
         figures = await best_of_two(
-            scenario(url, rate, hops, settings.run_s), workdir / f"follow-{hops}-{rate}"
+            scenario(url, rate, hops, settings.run_s),
+            workdir / f"follow-{hops}-{rate}-w{workers}",
+            "--workers",
+            str(workers),
         )
         runs.append(figures)
         if figures.saturated:
@@ -406,6 +416,14 @@ async def bench_follow(
         runs, best = await follow_ladder(broker.url, hops, settings, workdir)
         results[f"{hops}_hop"] = {"saturation_rate": best, "runs": [vars(r) for r in runs]}
     return results
+
+
+async def bench_workers(
+    broker: MosquittoProcess, settings: Settings, workdir: Path
+) -> dict[str, Any]:
+    """The follow rate through one hop with ``--workers 2`` (one shard per core)."""
+    runs, best = await follow_ladder(broker.url, 1, settings, workdir, workers=2)
+    return {"1_hop": {"saturation_rate": best, "runs": [vars(r) for r in runs]}}
 
 
 async def bare_round_trips(target: BrokerTarget, seconds: float, client: str) -> list[float]:
@@ -790,6 +808,8 @@ async def measure(settings: Settings, only: set[str], workdir: Path) -> dict[str
         if "follow" in only:
             results["follow"] = await bench_follow(broker, settings, workdir)
             saturation = results["follow"]["1_hop"]["saturation_rate"]
+        if "workers" in only:
+            results["workers"] = await bench_workers(broker, settings, workdir)
         if "floor" in only:
             results["floor"] = await bench_floor(broker, settings, workdir, saturation)
         if "lag" in only and saturation:
@@ -817,27 +837,34 @@ def render(results: dict[str, Any]) -> str:
                 [[k.removesuffix("_msg_s"), v] for k, v in c.items()],
             )
         )
-    if "follow" in results:
-        for hops, data in results["follow"].items():
-            title = f"follow rate, {hops.replace('_', ' ')}"
-            rows = [
-                [
-                    r["rate"],
-                    r["sent_per_s"],
-                    r["lag_p50_ms"],
-                    r["lag_p99_ms"],
-                    f"{r['ok_ratio']:.2%}",
-                    "saturated" if r["lag_p99_ms"] > 10 or r["ok_ratio"] < 1 else "",
-                ]
-                for r in data["runs"]
+    follows = [
+        (f"follow rate, {hops.replace('_', ' ')}", "", data)
+        for hops, data in results.get("follow", {}).items()
+    ]
+    if "workers" in results:
+        data = results["workers"]["1_hop"]
+        c_rate = results.get("clients", {}).get("c_clients_msg_s")
+        share = f", {data['saturation_rate'] / c_rate:.0%} of the C clients" if c_rate else ""
+        follows.append(("follow rate, 1 hop, --workers 2", share, data))
+    for title, share, data in follows:
+        rows = [
+            [
+                r["rate"],
+                r["sent_per_s"],
+                r["lag_p50_ms"],
+                r["lag_p99_ms"],
+                f"{r['ok_ratio']:.2%}",
+                "saturated" if r["lag_p99_ms"] > 10 or r["ok_ratio"] < 1 else "",
             ]
-            out.append(
-                table(
-                    f"\n{title} (saturation at {data['saturation_rate']:,}/s)",
-                    ["asked/s", "sent/s", "lag p50 ms", "lag p99 ms", "ok", ""],
-                    rows,
-                )
+            for r in data["runs"]
+        ]
+        out.append(
+            table(
+                f"\n{title} (saturation at {data['saturation_rate']:,}/s{share})",
+                ["asked/s", "sent/s", "lag p50 ms", "lag p99 ms", "ok", ""],
+                rows,
             )
+        )
     if "floor" in results:
         out.append(
             table(
@@ -910,7 +937,7 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-SECTIONS = ("clients", "follow", "floor", "lag", "sessions", "memory", "scrape", "http")
+SECTIONS = ("clients", "follow", "workers", "floor", "lag", "sessions", "memory", "scrape", "http")
 
 
 def main() -> None:
