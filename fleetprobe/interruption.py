@@ -52,3 +52,22 @@ class Interruption:
                 self.on_first()
         elif not self.again.done():
             self.again.set_result(None)
+
+
+async def linger_for_last_scrape(seconds: float, *, handle_signals: bool = True) -> None:
+    """Keep /metrics up ``seconds`` after the reports, or less if SIGINT or SIGTERM comes."""
+    if seconds <= 0:
+        return
+    log.info("reports written; /metrics stays up %gs for a last scrape", seconds)
+    ended = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    numbers = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+    for number in numbers:
+        loop.add_signal_handler(number, ended.set)
+    try:
+        await asyncio.wait_for(ended.wait(), seconds)
+    except TimeoutError:
+        pass
+    finally:
+        for number in numbers:
+            loop.remove_signal_handler(number)

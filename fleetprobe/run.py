@@ -33,7 +33,7 @@ from fleetprobe.conclusion import RunRecord, RunResult, conclude
 from fleetprobe.emitter import Emitter
 from fleetprobe.exit_codes import ExitCode
 from fleetprobe.fault_rig import FaultRig
-from fleetprobe.interruption import INTERRUPT_DRAIN_S, Interruption
+from fleetprobe.interruption import INTERRUPT_DRAIN_S, Interruption, linger_for_last_scrape
 from fleetprobe.outcomes import SignalLedger, judge
 from fleetprobe.plan import make_plan
 from fleetprobe.scenario import LoadedScenario
@@ -131,41 +131,45 @@ class _Run:
         """Run every part in order and write the reports, however the run ends."""
         started_at, started_ns = iso_utc(time.time_ns()), time.monotonic_ns()
         traces_path = self.scenario.exporters.traces
-        async with AsyncExitStack() as stack:
-            if traces_path:
-                self.traces = stack.enter_context(TraceLog(traces_path, self.plan.chains))
-            try:
-                await self._serve_metrics(stack)
-                if self.options.handle_signals:
-                    stack.enter_context(self.interruption.installed())
-                await self._start_alerts(stack)
-                observers = await self._start_observers(stack)
-                await self.faults.start(stack)
-                stack.push_async_callback(self.faults.stop)  # before the proxies go
-                vehicles = build_fleet(self.plan.fleet, self.options.shard)
-                publisher = await self._connect_fleet(stack, vehicles)
-                await self._emit_and_follow(vehicles, publisher, observers)
-            except ListenError as error:
-                log.error("%s", error)
-                self.result.exit_code = ExitCode.BAD_SCENARIO
-            except (ConnectError, ObserverSetupError, BackendError, TimeoutError) as error:
-                if isinstance(error, TimeoutError):
-                    error = ConnectError(
-                        self.plan.broker.url,
-                        f"not ready within {STARTUP_TIMEOUT_S:g}s",
-                        reason="timeout",
-                    )
-                log.error("%s", error)
-                self.result.exit_code = ExitCode.UNREACHABLE
-            finally:
-                # What an interruption left in flight is retired while the trace log is open.
-                self.tracker.abort_all()
-                self._note_health_changes()
-                if self.alerts is not None and not await self.alerts.flush(ALERT_FLUSH_S):
-                    log.warning(
-                        "%d alert notification(s) not delivered before the end", self.alerts.pending
-                    )
-        return self._finish(started_at, started_ns)
+        async with AsyncExitStack() as serving:
+            async with AsyncExitStack() as stack:
+                if traces_path:
+                    self.traces = stack.enter_context(TraceLog(traces_path, self.plan.chains))
+                try:
+                    await self._serve_metrics(serving)  # outlives the run: see _linger
+                    if self.options.handle_signals:
+                        stack.enter_context(self.interruption.installed())
+                    await self._start_alerts(stack)
+                    observers = await self._start_observers(stack)
+                    await self.faults.start(stack)
+                    stack.push_async_callback(self.faults.stop)  # before the proxies go
+                    vehicles = build_fleet(self.plan.fleet, self.options.shard)
+                    publisher = await self._connect_fleet(stack, vehicles)
+                    await self._emit_and_follow(vehicles, publisher, observers)
+                except ListenError as error:
+                    log.error("%s", error)
+                    self.result.exit_code = ExitCode.BAD_SCENARIO
+                except (ConnectError, ObserverSetupError, BackendError, TimeoutError) as error:
+                    if isinstance(error, TimeoutError):
+                        error = ConnectError(
+                            self.plan.broker.url,
+                            f"not ready within {STARTUP_TIMEOUT_S:g}s",
+                            reason="timeout",
+                        )
+                    log.error("%s", error)
+                    self.result.exit_code = ExitCode.UNREACHABLE
+                finally:
+                    # What an interruption left in flight is retired while the trace log is open.
+                    self.tracker.abort_all()
+                    self._note_health_changes()
+                    if self.alerts is not None and not await self.alerts.flush(ALERT_FLUSH_S):
+                        log.warning(
+                            "%d alert notification(s) not delivered before the end",
+                            self.alerts.pending,
+                        )
+            result = self._finish(started_at, started_ns)
+            await self._linger()
+        return result
 
     # The tracker's listener: where its findings go.
 
@@ -212,6 +216,12 @@ class _Run:
         log.info("serving /metrics on http://%s:%d/metrics", host, self.result.metrics_port)
         if self.options.on_listening is not None:
             self.options.on_listening(self.result.metrics_port)
+
+    async def _linger(self) -> None:
+        prometheus = self.scenario.exporters.prometheus
+        if self.result.metrics_port is not None and prometheus is not None:
+            handle_signals = self.options.handle_signals
+            await linger_for_last_scrape(prometheus.linger, handle_signals=handle_signals)
 
     async def _start_alerts(self, stack: AsyncExitStack) -> None:
         if not self.scenario.alerts:

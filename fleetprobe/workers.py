@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, nullcontext
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -36,7 +36,7 @@ from exporters.saturation import merge_reports
 from exporters.server import make_exposition_app
 from fleetprobe.conclusion import RunRecord, RunResult, conclude
 from fleetprobe.exit_codes import ExitCode
-from fleetprobe.interruption import Interruption
+from fleetprobe.interruption import Interruption, linger_for_last_scrape
 from fleetprobe.plan import make_plan
 from fleetprobe.run import STARTUP_TIMEOUT_S, RunOptions, run_scenario
 from fleetprobe.scenario import LoadedScenario, load_scenario
@@ -110,50 +110,54 @@ async def run_workers(
     plan = make_plan(scenario, loaded.base_dir)
     duration_s = scenario.duration if options.duration_s is None else options.duration_s
     deadline_s = 2 * STARTUP_TIMEOUT_S + duration_s + plan.drain_s + GRACE_S
-    listen = options.metrics_listen or (
-        scenario.exporters.prometheus.listen if scenario.exporters.prometheus else None
-    )
+    prometheus = scenario.exporters.prometheus
+    listen = options.metrics_listen or (prometheus.listen if prometheus else None)
     started_at, started_ns = iso_utc(time.time_ns()), time.monotonic_ns()
     result = RunResult(ExitCode.OK, {})
     interruption = Interruption()
     workers: list[_Worker] = []
     with tempfile.TemporaryDirectory(prefix="fleetprobe-workers-") as scratch:
-        async with AsyncExitStack() as stack:
+        async with AsyncExitStack() as serving:
             if listen:
                 try:
-                    result.metrics_port = await _serve_merged(stack, listen, workers)
+                    result.metrics_port = await _serve_merged(serving, listen, workers)
                 except ListenError as error:
                     log.error("%s", error)
                     result.exit_code = ExitCode.BAD_SCENARIO
                     return result
-            if options.handle_signals:
-                stack.enter_context(interruption.installed())
-            for index in range(count):
-                traces = (
-                    Path(scratch, f"traces-{index}.jsonl") if scenario.exporters.traces else None
-                )
-                job = ShardJob(
-                    scenario_path,
-                    (index, count),
-                    options.duration_s,
-                    None if traces is None else str(traces),
-                    serve_metrics=listen is not None,
-                    verbose=log.isEnabledFor(logging.DEBUG),
-                )
-                workers.append(_start(job))
-            log.info("%d worker processes started, one shard of the fleet each", count)
-            interruption.on_first = lambda: _forward(workers, interruption.signal_number)
-            forwarding = asyncio.ensure_future(_forward_again(workers, interruption))
-            stack.callback(forwarding.cancel)
-            await asyncio.gather(*(_follow(w, deadline_s) for w in workers))
-        record = _merge(workers, plan.signals, plan.chains, started_at, started_ns, interruption)
-        if scenario.exporters.traces:
-            _join_traces([w.job.traces_path for w in workers], scenario.exporters.traces)
-    shards = [
-        {"shard": w.name, "exit_code": w.exit_code, "results": w.record is not None}
-        for w in workers
-    ]
-    return conclude(scenario, record, result, options.out, sections={"workers": shards})
+            traces = scenario.exporters.traces
+            with interruption.installed() if options.handle_signals else nullcontext():
+                for index in range(count):
+                    job = ShardJob(
+                        scenario_path,
+                        (index, count),
+                        options.duration_s,
+                        str(Path(scratch, f"traces-{index}.jsonl")) if traces else None,
+                        serve_metrics=listen is not None,
+                        verbose=log.isEnabledFor(logging.DEBUG),
+                    )
+                    workers.append(_start(job))
+                log.info("%d worker processes started, one shard of the fleet each", count)
+                interruption.on_first = lambda: _forward(workers, interruption.signal_number)
+                forwarding = asyncio.ensure_future(_forward_again(workers, interruption))
+                try:
+                    await asyncio.gather(*(_follow(w, deadline_s) for w in workers))
+                finally:
+                    forwarding.cancel()
+            record = _merge(
+                workers, plan.signals, plan.chains, started_at, started_ns, interruption
+            )
+            if traces:
+                _join_traces([w.job.traces_path for w in workers], traces)
+            shards = [
+                {"shard": w.name, "exit_code": w.exit_code, "results": w.record is not None}
+                for w in workers
+            ]
+            conclude(scenario, record, result, options.out, sections={"workers": shards})
+            if result.metrics_port is not None and prometheus is not None:
+                handle_signals = options.handle_signals
+                await linger_for_last_scrape(prometheus.linger, handle_signals=handle_signals)
+    return result
 
 
 async def _serve_merged(stack: AsyncExitStack, listen: str, workers: list[_Worker]) -> int:
@@ -303,7 +307,7 @@ def _worker_main(job: ShardJob, results: Connection) -> None:
     logging.getLogger("transport.mqtt").setLevel(logging.WARNING)
     loaded = load_scenario(job.scenario_path)
     exporters = loaded.scenario.exporters.model_copy(
-        update={"json_path": None, "junit": None, "traces": job.traces_path}
+        update={"json_path": None, "junit": None, "traces": job.traces_path, "prometheus": None}
     )
     scenario = loaded.scenario.model_copy(update={"exporters": exporters})
     registry = CollectorRegistry()

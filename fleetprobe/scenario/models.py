@@ -276,6 +276,11 @@ class PrometheusExporterConfig(Strict):
     """Serve /metrics while the run lasts."""
 
     listen: Listen = "127.0.0.1:9464"
+    linger: Annotated[Duration, Field(ge=0)] = Field(
+        0.0,
+        description="after the reports are written, keep serving /metrics this long, so "
+        "that a last scrape sees the final counts (a signal ends it early)",
+    )
 
 
 class WebhookReceiverConfig(Strict):
