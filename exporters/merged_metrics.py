@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 Combine = Callable[[float, float], float]
 
-SUMMED_GAUGES = frozenset({"fleetprobe_inflight_signals"})
+SUMMED_GAUGES = frozenset({"fleetprobe_inflight_signals", "fleetprobe_mqtt_connected"})
 LOWEST_GAUGES = frozenset({"fleetprobe_hop_up"})
 
 

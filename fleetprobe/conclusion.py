@@ -45,6 +45,7 @@ class RunRecord:
     interrupted: bool
     health: list[dict[str, Any]]
     prober: dict[str, Any]
+    mqtt: dict[str, Any]  # per role (fleet, observer): sessions, reconnects, outages
 
 
 def conclude(
@@ -77,6 +78,7 @@ def conclude(
         health=record.health,
     )
     result.report["prober"] = record.prober
+    result.report["mqtt"] = record.mqtt
     result.report.update(sections or {})
     if result.expectations:
         result.report["expectations"] = [e.as_dict() for e in result.expectations]

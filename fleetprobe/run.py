@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from exporters.alerts import AlertSender
 from exporters.fault_timeline import render_fault_timeline
 from exporters.health import HealthMonitor, HealthPolicy
+from exporters.links import LinkCollector
 from exporters.live import LiveView
 from exporters.metrics import ProbeMetrics, export_objectives
 from exporters.results import ResultBook
@@ -45,6 +46,7 @@ from simulator.fleet import Vehicle, build_fleet, shard_of_trace_id
 from simulator.publisher import MqttPublisher, iso_utc
 from transport.errors import ConnectError, TransportError
 from transport.http import HttpClient
+from transport.links import LinkStats
 from transport.servers import ListenError, serve, split_listen
 
 log = logging.getLogger("fleetprobe")
@@ -104,6 +106,8 @@ class _Run:
         )
         self.emission_start_ns: int | None = None
         self.observers: list[Observer] = []
+        self.links: list[LinkStats] = []  # every MQTT session group, as it connects
+        LinkCollector(self.registry, scenario.name, lambda: self.links)
         self.saturation = SaturationWatch(
             self.book, self._observer_queues, self.registry, scenario.name
         )
@@ -247,6 +251,8 @@ class _Run:
             async with asyncio.timeout(STARTUP_TIMEOUT_S):
                 await observer.start()
             observers.append(observer)
+            if observer.link is not None:
+                self.links.append(observer.link)
         return observers
 
     async def _connect_fleet(self, stack: AsyncExitStack, vehicles: list[Vehicle]) -> MqttPublisher:
@@ -259,6 +265,7 @@ class _Run:
             sessions=mqtt.sessions,
             pool=mqtt.pool,
         )
+        self.links.append(publisher.link)
         async with asyncio.timeout(STARTUP_TIMEOUT_S):
             await stack.enter_async_context(publisher)
         log.info(
@@ -352,6 +359,7 @@ class _Run:
             self.interruption.interrupted,
             self.health.as_report(),
             self.saturation.as_report(),
+            {link.role: link.as_report(iso_utc) for link in self.links},
         )
         sections, notes = {}, []
         if scenario.faults.timeline:
@@ -371,6 +379,6 @@ def _owned_by(shard: tuple[int, int]) -> Callable[[str], bool] | None:
 async def _observe(observer: Observer) -> None:
     try:
         await observer.run()
-    except TransportError as error:
+    except (TransportError, ObserverSetupError) as error:
         # The hops of this observer now time out; that is the finding, not a crash.
         log.error("observer %s stopped: %s", observer.kind, error)

@@ -43,6 +43,7 @@ from fleetprobe.scenario import LoadedScenario, load_scenario
 from fleetprobe.scenario.models import Scenario
 from probes.chains import ChainSpec
 from simulator.publisher import iso_utc
+from transport.links import merge_link_reports
 from transport.servers import ListenError, serve, split_listen
 
 log = logging.getLogger("fleetprobe")
@@ -241,6 +242,7 @@ def _merge(
         interruption.interrupted or any(r.interrupted for r in records),
         sorted(health, key=lambda change: str(change["at"])),
         merge_reports([r.prober for r in records]),
+        merge_link_reports([r.mqtt for r in records]),
     )
 
 

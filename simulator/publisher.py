@@ -23,14 +23,15 @@ from typing import Literal
 
 from simulator.fleet import Emission
 from simulator.templates import PayloadTemplate, TextTemplate
-from transport.errors import ConnectError, SendError
+from transport.errors import ConnectError, NotAuthorizedError, SendError
+from transport.links import Backoff, LinkStats
 from transport.mqtt import BrokerTarget, MqttSession
 
 SessionMode = Literal["per_vehicle", "pooled"]
 
 _CONNECTS_AT_ONCE = 64
 _RECONNECT_FIRST_PAUSE_S = 0.1
-_RECONNECT_MAX_PAUSE_S = 2.0
+_RECONNECT_MAX_PAUSE_S = 5.0
 _LOST_LOG_EVERY_S = 1.0
 READY_WAIT_S = 5.0
 """How long a send waits for its session to reconnect before it fails."""
@@ -109,6 +110,8 @@ class MqttPublisher:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._closing = False
         self._lost = 0
+        self._rng = random.Random()
+        self.link = LinkStats("fleet", expected=len(self._client_ids))
 
     async def __aenter__(self) -> MqttPublisher:
         gate = asyncio.Semaphore(_CONNECTS_AT_ONCE)
@@ -137,31 +140,39 @@ class MqttPublisher:
     ) -> None:
         await self._close_all()
 
-    async def _connect(self, key: str) -> None:
+    async def _connect(self, key: str, *, again: bool = False) -> None:
         session = MqttSession(self.target, self._client_ids[key], inbound_limit=1)
         await session.__aenter__()
         self._sessions[key] = session
         self._ready.setdefault(key, asyncio.Event()).set()
         self._watchers[key] = asyncio.create_task(self._reconnect_when_lost(key, session))
+        if again:
+            self.link.reconnected()
+        else:
+            self.link.up()
 
     async def _reconnect_when_lost(self, key: str, session: MqttSession) -> None:
         """A vehicle whose connection drops connects again, as real ones do; until it is
-        back, its sends wait."""
+        back, its sends wait (and fail after READY_WAIT_S)."""
         await session.wait_disconnected()
         if self._closing or self._sessions.get(key) is not session:
             return  # closed on purpose
         self._note_lost()
+        self.link.lost()
         self._ready[key].clear()
         del self._sessions[key]
         await session.__aexit__(None, None, None)
-        pause_s = _RECONNECT_FIRST_PAUSE_S
+        backoff = Backoff(_RECONNECT_FIRST_PAUSE_S, _RECONNECT_MAX_PAUSE_S, self._rng)
         while not self._closing:
+            await asyncio.sleep(backoff.next_s())  # jittered: vehicles do not return at once
             try:
-                await self._connect(key)
+                await self._connect(key, again=True)
                 return
+            except NotAuthorizedError as error:
+                log.error("a fleet session stays disconnected: %s", error)
+                return  # the credentials will not get better by retrying
             except ConnectError:
-                await asyncio.sleep(pause_s)  # back off: the broker may be down for a while
-                pause_s = min(pause_s * 2, _RECONNECT_MAX_PAUSE_S)
+                continue
 
     def _note_lost(self) -> None:
         # A fleet loses its sessions together: one line per second, not one per vehicle.
@@ -201,12 +212,13 @@ class MqttPublisher:
         keys = list(self._sessions)
         for key in keys:
             self._ready[key].clear()
+            self.link.lost()
         sessions = [self._sessions.pop(key) for key in keys]
         await asyncio.gather(*(s.__aexit__(None, None, None) for s in sessions))
 
         async def back(key: str, delay_s: float) -> None:
             await asyncio.sleep(delay_s)  # the storm's jitter itself
-            await self._connect(key)
+            await self._connect(key, again=True)
 
         async with asyncio.TaskGroup() as group:
             for key in keys:

@@ -44,6 +44,7 @@ class MosquittoProcess:
 
     ``listener_options`` are lines added to the listener (``cafile``, ``certfile``, ... for TLS).
     ``users`` (name to password) turns anonymous access off and lets only them in.
+    ``persistence_dir`` keeps the broker's state there across a stop and a start.
 
     ``set_tcp_nodelay`` is on: without it the broker's small writes wait for Nagle's
     algorithm and p99.9 latency jumps to ~40 ms on loopback.
@@ -57,6 +58,7 @@ class MosquittoProcess:
         *,
         listener_options: str = "",
         users: dict[str, str] | None = None,
+        persistence_dir: Path | None = None,
     ) -> None:
         found = binary or mosquitto_path()
         if found is None:
@@ -68,6 +70,7 @@ class MosquittoProcess:
         self.port = port or free_port(host)
         self.listener_options = listener_options
         self.users = users
+        self.persistence_dir = persistence_dir
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -89,12 +92,17 @@ class MosquittoProcess:
             Path(self._dir.name).chmod(0o755)
             passwords.chmod(0o644)
             access = f"allow_anonymous false\npassword_file {passwords}\n"
+        persistence = "persistence false\n"
+        if self.persistence_dir is not None:
+            self.persistence_dir.mkdir(parents=True, exist_ok=True)
+            self.persistence_dir.chmod(0o777)  # written by mosquitto's own user
+            persistence = f"persistence true\npersistence_location {self.persistence_dir}/\n"
         config.write_text(
             f"listener {self.port} {self.host}\n"
             f"{self.listener_options}\n"
             f"{access}"
             "set_tcp_nodelay true\n"
-            "persistence false\n"
+            f"{persistence}"
             "max_queued_messages 100000\n"
             "log_type error\nlog_type warning\n"
         )

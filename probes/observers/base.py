@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Protocol
 from pydantic import BaseModel
 
 from probes.tracker import Tracker
+from transport.links import LinkStats
 from transport.mqtt import BrokerTarget
 
 
@@ -107,6 +108,11 @@ class Observer(ABC):
     @property
     def queue_limit(self) -> int | None:
         """The bound of the queue whose overflow :attr:`dropped` counts, if there is one."""
+        return None
+
+    @property
+    def link(self) -> LinkStats | None:
+        """The observer's MQTT sessions, if it has any: up, reconnects, outages."""
         return None
 
 

@@ -6,6 +6,8 @@ routed to every hop whose filter matches it. The body is parsed once per message
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from typing import Any
 
@@ -20,8 +22,12 @@ from probes.observers.base import (
     WatchedHop,
 )
 from probes.trace_ids import RETAINED, TraceIdReader, Unmatched, one_source, parse_json
+from transport.errors import ConnectError, NotAuthorizedError
+from transport.links import Backoff, LinkStats
 from transport.mqtt import InboundMessage, MqttSession
 from transport.topics import check_topic_filter, topic_matches
+
+log = logging.getLogger("fleetprobe")
 
 _UNPARSED = object()
 INBOUND_LIMIT = 100_000
@@ -66,47 +72,90 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
         self._routes: dict[str, list[_Route]] = {}
         for hop in self.hops:
             self._routes.setdefault(hop.config.topic, []).append(_Route(hop))
-        self._session = MqttSession(
-            context.broker,
-            f"fleetprobe-observer-{os.urandom(4).hex()}",
-            inbound_limit=INBOUND_LIMIT,
-        )
-        self._entered = False
-        self._dropped_before_close = 0
-        self._filter_of_id: dict[int, str] = {}
+        self._client_id = f"fleetprobe-observer-{os.urandom(4).hex()}"
+        self._filter_of_id = dict(enumerate(self._routes, start=1))
+        self._session: MqttSession | None = None
+        self._dropped_by_past_sessions = 0
+        self._closing = False
+        self._link = LinkStats("observer", expected=1)
 
     @property
     def dropped(self) -> int:
-        return self._session.inbound_dropped if self._entered else self._dropped_before_close
+        current = self._session.inbound_dropped if self._session is not None else 0
+        return self._dropped_by_past_sessions + current
 
     @property
     def queue_limit(self) -> int:
         return INBOUND_LIMIT
 
+    @property
+    def link(self) -> LinkStats:
+        return self._link
+
     async def start(self) -> None:
-        await self._session.__aenter__()
-        self._entered = True
-        filters = list(self._routes)
-        self._filter_of_id = dict(enumerate(filters, start=1))
-        codes = await self._session.subscribe(filters, qos=1, identify=True)
+        self._session = await self._connect_and_subscribe()
+        self._link.up()
+
+    async def run(self) -> None:
+        """Mark what arrives; when the broker goes away, connect and subscribe again
+        (backing off with jitter) and go on. Hops time out for what was missed meanwhile."""
+        while True:
+            assert self._session is not None
+            try:
+                async for message in self._session.messages():
+                    self._mark(message)
+            except ConnectError as error:
+                if self._closing:
+                    return
+                log.warning("the MQTT observer lost the broker (%s); reconnecting", error)
+            await self._forget_session()
+            self._link.lost()
+            self._session = await self._reconnect()
+            self._link.reconnected()
+            log.info("the MQTT observer is subscribed again")
+
+    async def close(self) -> None:
+        self._closing = True
+        await self._forget_session()
+
+    async def _reconnect(self) -> MqttSession:
+        # One session, no herd to spread out: come back soon, since every signal that
+        # passes meanwhile is one this hop cannot see.
+        backoff = Backoff(first_s=0.05, cap_s=0.5)
+        while True:
+            await asyncio.sleep(backoff.next_s())
+            try:
+                return await self._connect_and_subscribe()
+            except NotAuthorizedError:
+                raise  # the credentials will not get better by retrying
+            except ConnectError as error:
+                log.debug("the MQTT observer could not reconnect: %s", error)
+
+    async def _connect_and_subscribe(self) -> MqttSession:
+        session = MqttSession(self.context.broker, self._client_id, inbound_limit=INBOUND_LIMIT)
+        await session.__aenter__()
+        try:
+            filters = list(self._routes)
+            codes = await session.subscribe(filters, qos=1, identify=True)
+        except BaseException:
+            await session.__aexit__(None, None, None)
+            raise
         refused = [f for f, code in zip(filters, codes, strict=True) if code >= 0x80]
         if refused:
+            await session.__aexit__(None, None, None)
             names = ", ".join(
                 f"{h.chain} > {h.hop}" for h in self.hops if h.config.topic in refused
             )
             raise ObserverSetupError(
                 f"the broker refused the subscription to {', '.join(refused)} (hops: {names})"
             )
+        return session
 
-    async def run(self) -> None:
-        async for message in self._session.messages():
-            self._mark(message)
-
-    async def close(self) -> None:
-        if self._entered:
-            self._dropped_before_close = self._session.inbound_dropped
-            self._entered = False
-            await self._session.__aexit__(None, None, None)
+    async def _forget_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            self._dropped_by_past_sessions += session.inbound_dropped
+            await session.__aexit__(None, None, None)
 
     def _matching_routes(self, message: InboundMessage) -> list[list[_Route]]:
         """The routes of the filters this copy of the message was delivered for."""

@@ -1,0 +1,77 @@
+"""A real Mosquitto stopped and started under a run: sessions come back, the run goes on,
+every signal still ends in exactly one verdict, and the report names the outage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from conftest import read_traces, scenario_dict, write_scenario
+from fleetprobe.run import RunOptions, run_scenario
+from fleetprobe.scenario import load_scenario
+from testbed.mosquitto import MosquittoProcess
+from transport.mqtt import BrokerTarget, MqttSession
+
+OUTAGE_S = 1.0
+
+
+async def first_messages(broker: MosquittoProcess, topic_filter: str, count: int) -> None:
+    """Return once ``count`` messages matching ``topic_filter`` went through ``broker``."""
+    async with MqttSession(BrokerTarget(broker.host, broker.port)) as watcher:
+        await watcher.subscribe([topic_filter])
+        messages = aiter(watcher.messages())
+        for _ in range(count):
+            await anext(messages)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["no-persistence", "persistence"])
+async def test_a_broker_restart_is_survived_and_reported(
+    tmp_path: Path, prefix: str, persistent: bool
+) -> None:
+    """Fleet and observer reconnect after the broker comes back and the hop is ok again;
+    sent = verdicts = trace lines; the outage is in report.json and in the metrics."""
+    broker = MosquittoProcess(persistence_dir=tmp_path / "state" if persistent else None)
+    broker.start()
+    try:
+        scenario = scenario_dict(broker.url, prefix, duration="5s")
+        scenario["exporters"] = {
+            "json": str(tmp_path / "report.json"),
+            "traces": str(tmp_path / "traces.jsonl"),
+        }
+        loaded = load_scenario(write_scenario(tmp_path / "s.yaml", scenario))
+        registry = CollectorRegistry()
+        options = RunOptions(handle_signals=False, registry=registry)
+        run = asyncio.create_task(run_scenario(loaded, options))
+        async with asyncio.timeout(20):
+            await first_messages(broker, f"{prefix}/#", 20)
+        await asyncio.to_thread(broker.stop)
+        await asyncio.sleep(OUTAGE_S)  # the outage itself, not a wait for something
+        await asyncio.to_thread(broker.start)
+        async with asyncio.timeout(60):
+            result = await run
+    finally:
+        broker.stop()
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    lines = read_traces(tmp_path)
+    chain = report["chains"]["telemetry"]
+    signal = report["signals"]["telemetry"]
+    assert result.exit_code == 0  # no objectives: the run itself went on to its end
+    assert signal["sent"] == chain["followed"] == len(lines) > 0
+    fleet, observer = report["mqtt"]["fleet"], report["mqtt"]["observer"]
+    assert fleet["sessions"] == 2 and fleet["reconnects"] == 2
+    assert observer["reconnects"] == 1
+    for role in (fleet, observer):
+        [outage] = role["outages"]
+        assert outage["to"] is not None and outage["duration_s"] >= OUTAGE_S * 0.9
+    for role, sessions, reconnects in (("fleet", 2, 2), ("observer", 1, 1)):
+        labels = {"scenario": "test", "role": role}
+        assert registry.get_sample_value("fleetprobe_mqtt_connected", labels) == sessions
+        assert registry.get_sample_value("fleetprobe_mqtt_reconnects_total", labels) == reconnects
+    # After the restart the chain works again: the last signals were seen at the broker.
+    last = sorted(lines, key=lambda line: line["sent_at"])[-20:]
+    assert all(line["hops"]["broker"]["result"] == "ok" for line in last)
