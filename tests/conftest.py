@@ -140,3 +140,14 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
         pass
     finally:
         writer.close()
+
+
+@pytest.fixture(scope="session")
+def exported_series(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> frozenset[str]:
+    """Every series name fleetprobe exports, from /metrics of one real run per session."""
+    from exposition import exported_series_of_a_run  # it imports this module
+
+    # A loop of its own: the tests' loops stay untouched, and the run happens once.
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        work_dir = tmp_path_factory.mktemp("exposition")
+        return runner.run(exported_series_of_a_run(broker_url, work_dir))
