@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from exposition import PROMETHEUS_SERIES, REPO, RULES, metric_names
 
 RULE_TESTS = RULES.with_name("fleetprobe-rules.test.yml")

@@ -11,6 +11,7 @@ from typing import Any
 import promql_parser
 import pytest
 import yaml
+
 from exposition import REPO, RULES, metric_names
 
 GRAFANA = REPO / "deploy/grafana"
