@@ -133,6 +133,15 @@ class ProbeMetrics:
             ["scenario", "chain", "hop", "reason"],
             registry=registry,
         )
+        position = Gauge(
+            "fleetprobe_hop_position",
+            "A hop's place in its chain (1 is the first): the order to show hops in.",
+            ["scenario", "chain", "hop"],
+            registry=registry,
+        )
+        for c in self.chains:
+            for place, h in enumerate(c.hops, start=1):
+                position.labels(s, c.name, h.name).set(place)
         self.duplicates = Counter(
             "fleetprobe_duplicates",
             "Signals seen again at a hop where they were already seen.",
