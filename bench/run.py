@@ -334,14 +334,13 @@ from fleetprobe.cli import main
 try:
     code = main(sys.argv[1:])
 finally:
-    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-    peak = max(resource.getrusage(w).ru_maxrss for w in who)
     with open("peak_rss", "w") as out:
-        out.write(str(peak * 1024))
+        out.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
 sys.exit(code)
 """
-"""``fleetprobe`` that writes the peak resident memory of its largest process (itself or a
-worker) to ``peak_rss`` when it ends."""
+"""``fleetprobe`` that writes its peak resident memory to ``peak_rss`` when it ends (with
+--workers: the parent's only; RUSAGE_CHILDREN would carry the bench's earlier runs, since
+a child inherits its parent's largest-child figure across fork and exec)."""
 
 
 def _write_scenario(spec: dict[str, Any], workdir: Path) -> Path:
