@@ -53,6 +53,10 @@ class Emitter:
         if faults.any_active and not held and faults.hold(emission, intended_ns):
             return
         if not self._publisher.ready(emission.vin):
+            given_up = self._publisher.given_up(emission.vin)
+            if given_up is not None:
+                self._not_sent(emission, given_up)
+                return
             # Reconnecting: the vehicle sends once it is back, and the wait is the fault's.
             waiting = asyncio.create_task(self._emit_when_ready(emission, intended_ns))
             self._pending.add(waiting)
@@ -86,13 +90,17 @@ class Emitter:
                 await self._publisher.wait_ready(emission.vin)
         except TimeoutError:
             # Still not connected: the platform could not take the signal.
-            for index in self._chains_of[emission.signal]:
-                if self._tracker.chains[index].follows(emission.trace_id):
-                    self._book.unsent(index)
-            self._metrics.send_error(emission.signal, "disconnected")
-            self._book.send_error(emission.signal, "disconnected")
+            self._not_sent(emission, self._publisher.given_up(emission.vin) or "disconnected")
             return
         await self.emit(emission, intended_ns, held=True)
+
+    def _not_sent(self, emission: Emission, reason: str) -> None:
+        """A signal that was never handed over: a send error, and unsent where followed."""
+        for index in self._chains_of[emission.signal]:
+            if self._tracker.chains[index].follows(emission.trace_id):
+                self._book.unsent(index)
+        self._metrics.send_error(emission.signal, reason)
+        self._book.send_error(emission.signal, reason)
 
     async def release(self, held: list[Held]) -> None:
         """Send what offline vehicles held, in the order they meant to send it."""

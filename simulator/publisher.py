@@ -32,7 +32,12 @@ SessionMode = Literal["per_vehicle", "pooled"]
 _CONNECTS_AT_ONCE = 64
 _RECONNECT_FIRST_PAUSE_S = 0.1
 _RECONNECT_MAX_PAUSE_S = 5.0
-_LOST_LOG_EVERY_S = 1.0
+_TALLY_EVERY_S = 1.0
+DUPLICATE_CLIENT_ID = "duplicate_client_id"
+_QUICK_LOSS_NS = 1_000_000_000
+_QUICK_LOSSES_OF_A_DUPLICATE = 3
+"""A session lost this many times in a row, each within a second of connecting, is taken
+to share its client id with another client."""
 READY_WAIT_S = 5.0
 """How long a send waits for its session to reconnect before it fails."""
 
@@ -109,7 +114,21 @@ class MqttPublisher:
         self._ready: dict[str, asyncio.Event] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._closing = False
-        self._lost = 0
+        self._given_up: dict[str, str] = {}
+        self._connected_ns: dict[str, int] = {}
+        self._quick_losses: dict[str, int] = {}
+        self._lost_tally = _Tally("%d MQTT session(s) of the fleet lost; reconnecting")
+        self._given_up_tallies = {
+            DUPLICATE_CLIENT_ID: _Tally(
+                "%d MQTT session(s) of the fleet given up: another client keeps taking their "
+                "client ids (another run of this fleet?); their signals count as send errors "
+                "duplicate_client_id"
+            ),
+            "not_authorized": _Tally(
+                "%d MQTT session(s) of the fleet given up: the broker refused the credentials "
+                "on reconnecting; their signals count as send errors not_authorized"
+            ),
+        }
         self._rng = random.Random()
         self.link = LinkStats("fleet", expected=len(self._client_ids))
 
@@ -144,6 +163,7 @@ class MqttPublisher:
         session = MqttSession(self.target, self._client_ids[key], inbound_limit=1)
         await session.__aenter__()
         self._sessions[key] = session
+        self._connected_ns[key] = time.monotonic_ns()
         self._ready.setdefault(key, asyncio.Event()).set()
         self._watchers[key] = asyncio.create_task(self._reconnect_when_lost(key, session))
         if again:
@@ -157,32 +177,40 @@ class MqttPublisher:
         await session.wait_disconnected()
         if self._closing or self._sessions.get(key) is not session:
             return  # closed on purpose
-        self._note_lost()
         self.link.lost()
         self._ready[key].clear()
         del self._sessions[key]
+        taken_over = session.taken_over
         await session.__aexit__(None, None, None)
+        quick = time.monotonic_ns() - self._connected_ns[key] < _QUICK_LOSS_NS
+        self._quick_losses[key] = self._quick_losses.get(key, 0) + 1 if quick else 0
+        if taken_over or self._quick_losses[key] >= _QUICK_LOSSES_OF_A_DUPLICATE:
+            # Another client has this client id (another run of the same fleet?): taking
+            # it back would throw that one out, and so on, every few milliseconds. MQTT 5
+            # brokers may say so (0x8E); others just close a session moments after it
+            # connected, again and again.
+            self._give_up(key, DUPLICATE_CLIENT_ID)
+            return
+        self._lost_tally.add()
         backoff = Backoff(_RECONNECT_FIRST_PAUSE_S, _RECONNECT_MAX_PAUSE_S, self._rng)
         while not self._closing:
             await asyncio.sleep(backoff.next_s())  # jittered: vehicles do not return at once
             try:
                 await self._connect(key, again=True)
                 return
-            except NotAuthorizedError as error:
-                log.error("a fleet session stays disconnected: %s", error)
-                return  # the credentials will not get better by retrying
+            except NotAuthorizedError:
+                self._give_up(key, "not_authorized")  # retrying will not change the answer
+                return
             except ConnectError:
                 continue
 
-    def _note_lost(self) -> None:
-        # A fleet loses its sessions together: one line per second, not one per vehicle.
-        self._lost += 1
-        if self._lost == 1:
-            asyncio.get_running_loop().call_later(_LOST_LOG_EVERY_S, self._log_lost)
+    def _give_up(self, key: str, reason: str) -> None:
+        self._given_up[key] = reason
+        self._given_up_tallies[reason].add()
 
-    def _log_lost(self) -> None:
-        log.warning("%d MQTT session(s) of the fleet lost; reconnecting", self._lost)
-        self._lost = 0
+    def given_up(self, vin: str) -> str | None:
+        """Why the vehicle's session will not come back (None: it is up or reconnecting)."""
+        return self._given_up.get(self._key_of[vin])
 
     async def _close_all(self) -> None:
         self._closing = True
@@ -273,3 +301,21 @@ class MqttPublisher:
 
     def _session_for(self, vin: str) -> MqttSession:
         return self._sessions[self._key_of[vin]]
+
+
+class _Tally:
+    """Counts events of one kind and logs them as one line a second: a fleet loses its
+    sessions together, and one line per vehicle would bury everything else."""
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+        self._count = 0
+
+    def add(self) -> None:
+        self._count += 1
+        if self._count == 1:
+            asyncio.get_running_loop().call_later(_TALLY_EVERY_S, self._log)
+
+    def _log(self) -> None:
+        log.warning(self._message, self._count)
+        self._count = 0

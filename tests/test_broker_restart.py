@@ -19,9 +19,9 @@ from transport.mqtt import BrokerTarget, MqttSession
 OUTAGE_S = 1.0
 
 
-async def first_messages(broker: MosquittoProcess, topic_filter: str, count: int) -> None:
-    """Return once ``count`` messages matching ``topic_filter`` went through ``broker``."""
-    async with MqttSession(BrokerTarget(broker.host, broker.port)) as watcher:
+async def first_messages(target: BrokerTarget, topic_filter: str, count: int) -> None:
+    """Return once ``count`` messages matching ``topic_filter`` went through the broker."""
+    async with MqttSession(target) as watcher:
         await watcher.subscribe([topic_filter])
         messages = aiter(watcher.messages())
         for _ in range(count):
@@ -47,7 +47,7 @@ async def test_a_broker_restart_is_survived_and_reported(
         options = RunOptions(handle_signals=False, registry=registry)
         run = asyncio.create_task(run_scenario(loaded, options))
         async with asyncio.timeout(20):
-            await first_messages(broker, f"{prefix}/#", 20)
+            await first_messages(BrokerTarget(broker.host, broker.port), f"{prefix}/#", 20)
         await asyncio.to_thread(broker.stop)
         await asyncio.sleep(OUTAGE_S)  # the outage itself, not a wait for something
         await asyncio.to_thread(broker.start)
@@ -75,3 +75,28 @@ async def test_a_broker_restart_is_survived_and_reported(
     # After the restart the chain works again: the last signals were seen at the broker.
     last = sorted(lines, key=lambda line: line["sent_at"])[-20:]
     assert all(line["hops"]["broker"]["result"] == "ok" for line in last)
+
+
+async def test_two_runs_of_one_fleet_do_not_throw_each_other_out_for_ever(
+    tmp_path: Path, broker_url: str, prefix: str
+) -> None:
+    """Two runs of one fleet at once: every vehicle's client id (its VIN) is in both. After
+    a few takeovers a run gives the vehicle up, its signals counted as send errors
+    ``duplicate_client_id``, and no reconnect storm follows; each run's accounting holds."""
+    loaded = []
+    for name in ("a", "b"):
+        scenario = scenario_dict(broker_url, f"{prefix}{name}", duration="3s")
+        scenario["target"]["mqtt"] = {"url": broker_url, "sessions": "per_vehicle"}
+        (tmp_path / name).mkdir()
+        loaded.append(load_scenario(write_scenario(tmp_path / name / "s.yaml", scenario)))
+    options = RunOptions(handle_signals=False)
+    async with asyncio.timeout(60):
+        results = await asyncio.gather(*(run_scenario(one, options) for one in loaded))
+
+    reports = [result.report for result in results]
+    given_up = [r["signals"]["telemetry"]["send_errors_by_reason"] for r in reports]
+    assert any(errors.get("duplicate_client_id", 0) > 0 for errors in given_up), given_up
+    for report in reports:
+        assert report["mqtt"]["fleet"]["reconnects"] <= 3 * 10  # a few per vehicle, no storm
+        chain, signal = report["chains"]["telemetry"], report["signals"]["telemetry"]
+        assert signal["sent"] == chain["followed"]

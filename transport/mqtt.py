@@ -150,6 +150,7 @@ class _Connection(asyncio.Protocol):
         self.connack: asyncio.Future[Connack] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self.close_reason = "connection lost"
+        self.taken_over = False  # the broker said another client took the client id
         self.acks: dict[int, asyncio.Future[Ack]] = {}
         self.subacks: dict[int, asyncio.Future[Suback]] = {}
         self.inbound: deque[InboundMessage] = deque()
@@ -315,6 +316,7 @@ class _Connection(asyncio.Protocol):
             if not self.connack.done():
                 self.connack.set_result(packet)
         elif isinstance(packet, Disconnect):
+            self.taken_over = packet.reason_code == _SESSION_TAKEN_OVER
             self.close_reason = (
                 "session taken over by another client with the same client id"
                 if packet.reason_code == _SESSION_TAKEN_OVER
@@ -481,6 +483,17 @@ class MqttSession:
     async def wait_disconnected(self) -> None:
         """Return when the connection is lost (or closed)."""
         await asyncio.shield(self._connected().closed)
+
+    @property
+    def close_reason(self) -> str:
+        """Why the connection ended (``connection lost``, ``closed``, the broker's reason)."""
+        return self._connected().close_reason
+
+    @property
+    def taken_over(self) -> bool:
+        """Whether the broker ended the session because another client connected with the
+        same client id (MQTT 5 reason 0x8E; MQTT 3.1.1 brokers just close the connection)."""
+        return self._connected().taken_over
 
     @property
     def inbound_dropped(self) -> int:
