@@ -7,10 +7,11 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -113,6 +114,53 @@ async def finish(
         out, err = await process.communicate()
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+async def scrape_until(port: int, done: Callable[[str], bool], timeout_s: float = 30) -> str:
+    """Scrape ``127.0.0.1:port/metrics`` every 0.1 s, as Prometheus would, until
+    ``done(exposition)``; return that exposition."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(timeout_s):
+        while True:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                    text = await response.text()
+                    if done(text):
+                        return text
+            except aiohttp.ClientConnectionError:
+                pass  # not serving yet
+            await asyncio.sleep(0.1)  # polling a scrape target: there is nothing to await
+
+
+async def assert_promtool_accepts(exposition: str) -> None:
+    """``promtool check metrics`` finds nothing wrong with ``exposition``."""
+    promtool = await asyncio.create_subprocess_exec(
+        "promtool",
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(30):
+        verdict, _ = await promtool.communicate(exposition.encode())
+    assert promtool.returncode == 0, verdict.decode()
+
+
+def mqtt_hops_of_the_testbed(prefix: str) -> list[dict[str, Any]]:
+    """The testbed's three MQTT hops on ``prefix`` topics: broker, gateway, processor."""
+    return [
+        {"name": "broker", "within": "500ms", "mqtt": {"topic": f"{prefix}/vehicles/+/telemetry"}},
+        {
+            "name": "gateway",
+            "within": "1s",
+            "mqtt": {"topic": f"{prefix}/platform/events/+", "trace_id": "$.meta.trace_id"},
+        },
+        {
+            "name": "processor",
+            "within": "1s",
+            "mqtt": {"topic": f"{prefix}/platform/state/+", "trace_id": "$.meta.trace_id"},
+        },
+    ]
 
 
 async def run_scenario_dict(

@@ -13,7 +13,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import finish, fleetprobe, scenario_dict, write_scenario
+from conftest import (
+    assert_promtool_accepts,
+    finish,
+    fleetprobe,
+    scenario_dict,
+    scrape_until,
+    write_scenario,
+)
 from testbed.mosquitto import free_port
 from transport.mqtt import BrokerTarget, MqttSession
 
@@ -86,30 +93,17 @@ async def test_metrics_exposition_passes_promtool(
     process = await fleetprobe(
         "run", str(write_scenario(tmp_path / "s.yaml", scenario)), cwd=tmp_path
     )
-    text = ""
-    async with aiohttp.ClientSession() as http, asyncio.timeout(20):
-        while "fleetprobe_hop_results_total" not in text or 'result="ok"} 0.0' in text:
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
-                    text = await response.text()
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)  # polling a scrape target, as Prometheus does
-        async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
-            assert response.status == 200
+    text = await scrape_until(
+        port, lambda t: "fleetprobe_hop_results_total" in t and 'result="ok"} 0.0' not in t
+    )
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/healthz") as response,
+    ):
+        assert response.status == 200
     process.send_signal(signal.SIGTERM)
     await finish(process)
-    promtool = await asyncio.create_subprocess_exec(
-        "promtool",
-        "check",
-        "metrics",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    async with asyncio.timeout(30):
-        verdict, _ = await promtool.communicate(text.encode())
-    assert promtool.returncode == 0, verdict.decode()
+    await assert_promtool_accepts(text)
     for name in (
         "fleetprobe_signals_sent_total",
         "fleetprobe_emission_lag_seconds_bucket",

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from conftest import read_traces, run_scenario_dict, scenario_dict
+from conftest import mqtt_hops_of_the_testbed, read_traces, run_scenario_dict, scenario_dict
 from probes.tracker import ORDER_TOLERANCE_S
 from testbed.knobs import StageKnobs
 from testbed.mosquitto import free_port
@@ -30,21 +30,7 @@ def chain_through(prefix: str, testbed_url: str, *, api_within: str = "2s") -> d
         "name": "telemetry-to-api",
         "signal": "telemetry",
         "hops": [
-            {
-                "name": "broker",
-                "within": "500ms",
-                "mqtt": {"topic": f"{prefix}/vehicles/+/telemetry"},
-            },
-            {
-                "name": "gateway",
-                "within": "1s",
-                "mqtt": {"topic": f"{prefix}/platform/events/+", "trace_id": "$.meta.trace_id"},
-            },
-            {
-                "name": "processor",
-                "within": "1s",
-                "mqtt": {"topic": f"{prefix}/platform/state/+", "trace_id": "$.meta.trace_id"},
-            },
+            *mqtt_hops_of_the_testbed(prefix),
             {
                 "name": "webhook",
                 "within": "1s",

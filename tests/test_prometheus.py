@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import run_scenario_dict, scenario_dict
+from conftest import mqtt_hops_of_the_testbed, run_scenario_dict, scenario_dict
 from exporters.metrics import LATENCY_BUCKETS
 from testbed.knobs import StageKnobs
 from testbed.mosquitto import free_ports
@@ -94,27 +94,7 @@ async def test_prometheus_queries_agree_with_the_report(
     """Per-hop success ratios from Prometheus equal the report's; each hop's p99 from
     histogram_quantile falls in the same latency bucket as the report's exact p99."""
     prometheus_port, metrics_port = free_ports(2)
-    chain = {
-        "name": "telemetry",
-        "signal": "telemetry",
-        "hops": [
-            {
-                "name": "broker",
-                "within": "500ms",
-                "mqtt": {"topic": f"{prefix}/vehicles/+/telemetry"},
-            },
-            {
-                "name": "gateway",
-                "within": "1s",
-                "mqtt": {"topic": f"{prefix}/platform/events/+", "trace_id": "$.meta.trace_id"},
-            },
-            {
-                "name": "processor",
-                "within": "1s",
-                "mqtt": {"topic": f"{prefix}/platform/state/+", "trace_id": "$.meta.trace_id"},
-            },
-        ],
-    }
+    chain = {"name": "telemetry", "signal": "telemetry", "hops": mqtt_hops_of_the_testbed(prefix)}
     scenario = scenario_dict(broker_url, prefix, duration="4s", chains=[chain])
     scenario["exporters"] = {
         "prometheus": {"listen": f"127.0.0.1:{metrics_port}", "linger": "2s"},

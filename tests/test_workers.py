@@ -13,16 +13,17 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from junitparser import JUnitXml
 
 from conftest import (
+    assert_promtool_accepts,
     finish,
     fleetprobe,
     read_traces,
     run_scenario_dict,
     scenario_dict,
+    scrape_until,
     write_scenario,
 )
 from testbed.mosquitto import free_port
@@ -122,15 +123,9 @@ async def test_workers_serve_one_merged_metrics_endpoint(
     scenario["exporters"]["prometheus"] = {"listen": f"127.0.0.1:{port}"}
     path = write_scenario(tmp_path / "s.yaml", scenario)
     process = await fleetprobe("run", str(path), "--workers", "2", cwd=tmp_path)
-    text = ""
-    async with aiohttp.ClientSession() as http, asyncio.timeout(30):
-        while 'fleetprobe_hop_up{chain="telemetry"' not in text or _sent(text) < 300:
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
-                    text = await response.text()
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)  # polling a scrape target, as Prometheus does
+    text = await scrape_until(
+        port, lambda t: 'fleetprobe_hop_up{chain="telemetry"' in t and _sent(t) >= 300
+    )
     process.send_signal(signal.SIGTERM)
     code, _, err = await finish(process, 30)
     report = json.loads((tmp_path / "report.json").read_text())
@@ -140,17 +135,7 @@ async def test_workers_serve_one_merged_metrics_endpoint(
     assert report["signals"]["telemetry"]["sent"] == len(read_traces(tmp_path)) >= _sent(text)
     assert 'fleetprobe_hop_up{chain="telemetry",hop="broker",scenario="test"} 1.0' in text
     assert 'hop="",metric="success_ratio",scenario="test"} 0.9' in text
-    promtool = await asyncio.create_subprocess_exec(
-        "promtool",
-        "check",
-        "metrics",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    async with asyncio.timeout(30):
-        verdict, _ = await promtool.communicate(text.encode())
-    assert promtool.returncode == 0, verdict.decode()
+    await assert_promtool_accepts(text)
 
 
 def _sent(exposition: str) -> float:
