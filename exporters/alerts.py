@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter
 from exporters.health import HealthChange
 from simulator.publisher import iso_utc
 from transport.http import HttpClient, HttpError
+from transport.queues import QueueState
 
 log = logging.getLogger("fleetprobe.alerts")
 
@@ -113,6 +114,11 @@ class AlertSender:
     def pending(self) -> int:
         """Notifications waiting in the queue."""
         return self._queue.qsize()
+
+    @property
+    def queue(self) -> QueueState:
+        """The notification queue: waiting, its bound, changes dropped when it was full."""
+        return QueueState(self._queue.qsize(), self._queue.maxsize, self.dropped)
 
     def notify(self, change: HealthChange) -> None:
         """Queue an alert for ``change``; never blocks. Over the queue limit: drop, count."""

@@ -4,8 +4,8 @@ A probe that cannot keep its schedule reports its own overload as platform laten
 one that drops what it received reports it as platform loss. Once a second the
 :class:`SaturationWatch` looks at the signals sent in that second and at the observers'
 bounded queues; when the emission lag p99 of the window is over the limit, or a queue
-overflowed, it logs which limit was hit, sets ``fleetprobe_prober_saturated`` and counts
-the drops in ``fleetprobe_observer_dropped_total``; the report keeps the record.
+overflowed, it logs which limit was hit and sets ``fleetprobe_prober_saturated``; the
+report keeps the record.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Gauge
 
 from exporters.results import ResultBook
 from exporters.stats import format_ms
+from transport.queues import QueueState
 
 LAG_LIMIT_S = 0.010
 """Emission lag p99 above which the prober no longer keeps the fleet's schedule."""
@@ -30,8 +31,18 @@ limit passes and fails alternate seconds, and one line per flip would only be no
 
 log = logging.getLogger("fleetprobe")
 
-QueueStats = Callable[[], Mapping[str, tuple[int, int | None]]]
-"""Per observer kind: messages dropped so far, and the bound of its queue."""
+Queues = Callable[[], Mapping[str, QueueState]]
+"""Every bounded queue of the run, by name."""
+
+CONSEQUENCES = {
+    "mqtt_observer": "received messages dropped: timeouts at its hops include the prober's "
+    "own loss",
+    "tracker": "signals not sent (send errors tracker_full): more were in flight than the "
+    "prober follows at once",
+    "reconnect_wait": "signals not sent (send errors backlog_full) while their vehicles "
+    "reconnected",
+    "alerts": "alert notifications dropped",
+}
 
 
 class SaturationWatch:
@@ -39,18 +50,18 @@ class SaturationWatch:
 
     Args:
         book: where sent signals' emission lags are recorded.
-        queues: the observers' dropped counts and queue bounds.
+        queues: the run's bounded queues.
         registry: where the saturation metrics live.
         scenario: the scenario label.
     """
 
     def __init__(
-        self, book: ResultBook, queues: QueueStats, registry: CollectorRegistry, scenario: str
+        self, book: ResultBook, queues: Queues, registry: CollectorRegistry, scenario: str
     ) -> None:
         self._book = book
         self._queues = queues
         self._seen_lags = 0
-        self._dropped: dict[str, int] = {}
+        self._overflowed: dict[str, int] = {}
         self._saturated_since_s: float | None = None
         self._clean_windows = 0
         self._last_warning_s = -math.inf
@@ -65,12 +76,6 @@ class SaturationWatch:
             ["scenario"],
             registry=registry,
         ).labels(scenario)
-        self._dropped_total = Counter(
-            "fleetprobe_observer_dropped",
-            "Received messages an observer dropped because its bounded queue was full.",
-            ["scenario", "observer"],
-            registry=registry,
-        )
 
     def check(self, now_s: float, window_s: float) -> None:
         """Judge the window that ends now (``now_s`` since emission began)."""
@@ -117,17 +122,14 @@ class SaturationWatch:
 
     def _queue_problems(self, window_s: float) -> list[str]:
         problems = []
-        for kind, (dropped, limit) in self._queues().items():
-            counter = self._dropped_total.labels(self._scenario, kind)  # 0 exists from the start
-            new = dropped - self._dropped.get(kind, 0)
+        for name, state in self._queues().items():
+            new = state.overflowed - self._overflowed.get(name, 0)
             if new > 0:
-                self._dropped[kind] = dropped
-                counter.inc(new)
-                self.limits_hit.add(f"{kind}_inbound_queue")
-                bound = f" of {limit:,} messages" if limit else ""
+                self._overflowed[name] = state.overflowed
+                self.limits_hit.add(f"{name}_queue")
                 problems.append(
-                    f"the {kind} observer's queue{bound} overflowed: {new:,} received "
-                    f"messages dropped in the last {window_s:g}s (their hops will time out)"
+                    f"the {name} queue (capacity {state.capacity:,}) overflowed {new:,} times "
+                    f"in the last {window_s:g}s: {CONSEQUENCES.get(name, 'turned away')}"
                 )
         return problems
 
@@ -138,7 +140,7 @@ class SaturationWatch:
             "limits_hit": sorted(self.limits_hit),
             "windows_saturated": self.windows_saturated,
             "worst_lag_p99_s": self.worst_lag_p99_s,
-            "observer_dropped": dict(self._dropped),
+            "queue_overflowed": dict(self._overflowed),
         }
 
     def summary_lines(self) -> list[str]:
@@ -147,11 +149,11 @@ class SaturationWatch:
 
 
 def summary_lines(report: Mapping[str, Any]) -> list[str]:
-    """The end-of-run warnings of a ``prober`` report: one per observer that dropped."""
+    """The end-of-run warnings of a ``prober`` report: one per queue that overflowed."""
     return [
-        f"  WARNING: the {kind} observer dropped {dropped:,} received messages "
-        "(its queue was full): timeouts at its hops include the prober's own loss"
-        for kind, dropped in sorted(report["observer_dropped"].items())
+        f"  WARNING: the {name} queue overflowed {count:,} times: "
+        f"{CONSEQUENCES.get(name, 'turned away')}"
+        for name, count in sorted(report["queue_overflowed"].items())
     ]
 
 
@@ -159,14 +161,14 @@ def merge_reports(reports: list[Mapping[str, Any]]) -> dict[str, Any]:
     """The ``prober`` report of several shard processes: saturated if any one was."""
     limits = sorted({limit for r in reports for limit in r["limits_hit"]})
     lags = [r["worst_lag_p99_s"] for r in reports if r["worst_lag_p99_s"] is not None]
-    dropped: dict[str, int] = {}
+    overflowed: dict[str, int] = {}
     for r in reports:
-        for kind, count in r["observer_dropped"].items():
-            dropped[kind] = dropped.get(kind, 0) + count
+        for name, count in r["queue_overflowed"].items():
+            overflowed[name] = overflowed.get(name, 0) + count
     return {
         "saturated": bool(limits),
         "limits_hit": limits,
         "windows_saturated": max((r["windows_saturated"] for r in reports), default=0),
         "worst_lag_p99_s": max(lags, default=None),
-        "observer_dropped": dropped,
+        "queue_overflowed": overflowed,
     }

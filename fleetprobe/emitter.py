@@ -12,8 +12,13 @@ from simulator.faults import FleetFaults, Held, malform
 from simulator.fleet import Emission
 from simulator.publisher import READY_WAIT_S, MqttPublisher, Outgoing
 from transport.errors import SendError
+from transport.queues import QueueState
 
 MAX_UNACKED = 1_000
+MAX_WAITING = 100_000
+"""Signals that may wait for their vehicle's session to reconnect; past it they fail."""
+TRACKER_FULL = "tracker_full"
+BACKLOG_FULL = "backlog_full"
 
 
 class Emitter:
@@ -41,7 +46,26 @@ class Emitter:
         for index, chain in enumerate(tracker.chains):
             self._chains_of[chain.signal].append(index)
         self._unacked = asyncio.Semaphore(MAX_UNACKED)
+        self._unacked_count = 0
         self._pending: set[asyncio.Task[None]] = set()
+        self._waiting = 0
+        self._overflowed = {TRACKER_FULL: 0, BACKLOG_FULL: 0}
+
+    @property
+    def queues(self) -> dict[str, QueueState]:
+        """The emitter's bounded queues: signals in flight (admitted to the tracker), QoS 1/2
+        sends awaiting their acks (full means waiting: back-pressure, never loss), and
+        signals waiting for their vehicle to reconnect."""
+        tracker = self._tracker
+        return {
+            "tracker": QueueState(
+                tracker.inflight_total, tracker.capacity, self._overflowed[TRACKER_FULL]
+            ),
+            "qos_acks": QueueState(self._unacked_count, MAX_UNACKED),
+            "reconnect_wait": QueueState(
+                self._waiting, MAX_WAITING, self._overflowed[BACKLOG_FULL]
+            ),
+        }
 
     async def emit(self, emission: Emission, intended_ns: int, *, held: bool = False) -> None:
         """Send one emission that was due at ``intended_ns`` (monotonic).
@@ -57,15 +81,23 @@ class Emitter:
             if given_up is not None:
                 self._not_sent(emission, given_up)
                 return
+            if self._waiting >= MAX_WAITING:
+                self._overflow(emission, BACKLOG_FULL)
+                return
             # Reconnecting: the vehicle sends once it is back, and the wait is the fault's.
+            self._waiting += 1
             waiting = asyncio.create_task(self._emit_when_ready(emission, intended_ns))
             self._pending.add(waiting)
             waiting.add_done_callback(self._pending.discard)
+            return
+        if self._tracker.full and self._chains_of[emission.signal]:
+            self._overflow(emission, TRACKER_FULL)  # it could not be followed
             return
         qos = self._publisher.signals[emission.signal].qos
         if qos:
             # Wait for room before the stamp: the wait is the prober's, shown as emission lag.
             await self._unacked.acquire()
+            self._unacked_count += 1
         skew_ns = faults.skew_ns(emission.vin) if faults.any_active else 0
         outgoing = self._publisher.prepare(emission, intended_ns, clock_skew_ns=skew_ns)
         copies = 1
@@ -92,7 +124,13 @@ class Emitter:
             # Still not connected: the platform could not take the signal.
             self._not_sent(emission, self._publisher.given_up(emission.vin) or "disconnected")
             return
+        finally:
+            self._waiting -= 1
         await self.emit(emission, intended_ns, held=True)
+
+    def _overflow(self, emission: Emission, queue_full: str) -> None:
+        self._overflowed[queue_full] += 1
+        self._not_sent(emission, queue_full)
 
     def _not_sent(self, emission: Emission, reason: str) -> None:
         """A signal that was never handed over: a send error, and unsent where followed."""
@@ -133,6 +171,7 @@ class Emitter:
 
     def _acked(self, task: asyncio.Task[None]) -> None:
         self._pending.discard(task)
+        self._unacked_count -= 1
         self._unacked.release()
 
     async def _send(

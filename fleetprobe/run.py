@@ -25,6 +25,7 @@ from exporters.health import HealthMonitor, HealthPolicy
 from exporters.links import LinkCollector
 from exporters.live import LiveView
 from exporters.metrics import ProbeMetrics, export_objectives
+from exporters.queues import QueueCollector
 from exporters.results import ResultBook
 from exporters.saturation import SaturationWatch
 from exporters.server import make_metrics_app
@@ -40,6 +41,7 @@ from fleetprobe.plan import make_plan
 from fleetprobe.scenario import LoadedScenario
 from probes.chains import FollowedSignal
 from probes.observers import Observer, ObserverContext, ObserverSetupError, hop_kinds
+from probes.tracker import CAPACITY as TRACKER_CAPACITY
 from probes.tracker import Tracker, sweep_deadlines
 from simulator.clock import FleetClock
 from simulator.fleet import Vehicle, build_fleet, shard_of_trace_id
@@ -47,6 +49,7 @@ from simulator.publisher import MqttPublisher, iso_utc
 from transport.errors import ConnectError, TransportError
 from transport.http import HttpClient
 from transport.links import LinkStats
+from transport.queues import QueueState
 from transport.servers import ListenError, serve, split_listen
 
 log = logging.getLogger("fleetprobe")
@@ -67,6 +70,7 @@ class RunOptions:
     handle_signals: bool = True
     registry: CollectorRegistry | None = None  # where the metrics live (default: a new one)
     on_listening: Callable[[int], None] | None = None  # told the /metrics port once served
+    tracker_capacity: int = TRACKER_CAPACITY  # signals in flight at most
 
 
 async def run_scenario(loaded: LoadedScenario, options: RunOptions | None = None) -> RunResult:
@@ -108,14 +112,12 @@ class _Run:
         self.observers: list[Observer] = []
         self.links: list[LinkStats] = []  # every MQTT session group, as it connects
         LinkCollector(self.registry, scenario.name, lambda: self.links)
-        self.saturation = SaturationWatch(
-            self.book, self._observer_queues, self.registry, scenario.name
+        self.emitter: Emitter | None = None
+        QueueCollector(self.registry, scenario.name, self._queues)
+        self.saturation = SaturationWatch(self.book, self._queues, self.registry, scenario.name)
+        self.tracker = Tracker(
+            self.plan.chains, self, _owned_by(options.shard), options.tracker_capacity
         )
-        index, count = options.shard
-        owns = (
-            None if count == 1 else (lambda trace_id: shard_of_trace_id(trace_id, count) == index)
-        )
-        self.tracker = Tracker(self.plan.chains, self, owns)
         self.metrics.track_inflight(self.tracker.inflight)
         self.alerts: AlertSender | None = None
         self.interruption = Interruption()
@@ -298,7 +300,9 @@ class _Run:
                 sweep_deadlines(tracker, lambda: not emitting and tracker.idle)
             )
             self.live.phase = "emitting"
-            emitter = Emitter(publisher, tracker, self.metrics, self.book, self.faults.fleet)
+            self.emitter = emitter = Emitter(
+                publisher, tracker, self.metrics, self.book, self.faults.fleet
+            )
             self.emission_start_ns = time.monotonic_ns()
             background.append(
                 group.create_task(self.faults.run(self.emission_start_ns, publisher, emitter))
@@ -332,8 +336,14 @@ class _Run:
         start_ns = self.emission_start_ns or time.monotonic_ns()
         self.saturation.check((time.monotonic_ns() - start_ns) / 1e9, window_s)
 
-    def _observer_queues(self) -> dict[str, tuple[int, int | None]]:
-        return {o.kind: (o.dropped, o.queue_limit) for o in self.observers if o.queue_limit}
+    def _queues(self) -> dict[str, QueueState]:
+        """Every bounded queue of the run that exists by now."""
+        queues = {f"{o.kind}_observer": o.queue for o in self.observers if o.queue is not None}
+        if self.emitter is not None:
+            queues.update(self.emitter.queues)
+        if self.alerts is not None:
+            queues["alerts"] = self.alerts.queue
+        return queues
 
     def _note_health_changes(self) -> None:
         for change in self.health.evaluate(time.monotonic_ns()):

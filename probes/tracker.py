@@ -21,6 +21,9 @@ from typing import Any, Protocol
 from probes.chains import FAILURES, ChainSpec, FollowedSignal, HopResult, Verdict
 from probes.trace_ids import LATE, MISSING, UNKNOWN_TRACE_ID
 
+CAPACITY = 2_000_000
+"""Signals in flight at most (~400 bytes each: 800 MB); past it new ones are not sent."""
+
 ORDER_TOLERANCE_S = 0.05
 """How much earlier than a previous hop a hop may be seen and still be in order. Two outputs
 of one stage (a state topic and a state API) are seen by different means, polling among
@@ -52,10 +55,13 @@ class Tracker:
         chains: Sequence[ChainSpec],
         listener: TrackerListener,
         owns: Callable[[str], bool] | None = None,
+        capacity: int = CAPACITY,
     ) -> None:
         """``owns(trace_id)`` says whether an id nobody follows is this tracker's to count
-        as unmatched; under sharding, other shards' ids are not (default: all are)."""
+        as unmatched; under sharding, other shards' ids are not (default: all are).
+        ``capacity`` bounds the signals in flight (see :attr:`full`)."""
         self.chains = tuple(chains)
+        self.capacity = capacity
         self._listener = listener
         self._owns = owns
         self._tables: list[dict[str, FollowedSignal]] = [{} for _ in self.chains]
@@ -76,6 +82,16 @@ class Tracker:
     def inflight(self, chain_index: int) -> int:
         """Signals of a chain that are still in the table."""
         return len(self._tables[chain_index])
+
+    @property
+    def inflight_total(self) -> int:
+        """Signals in the table, over every chain."""
+        return sum(map(len, self._tables))
+
+    @property
+    def full(self) -> bool:
+        """Whether the table holds ``capacity`` signals: the sender must not add more."""
+        return self.inflight_total >= self.capacity
 
     @property
     def idle(self) -> bool:

@@ -164,12 +164,33 @@ def mqtt_hops_of_the_testbed(prefix: str) -> list[dict[str, Any]]:
 
 
 async def run_scenario_dict(
-    tmp_path: Path, scenario: dict[str, Any], timeout_s: float = 90
+    tmp_path: Path,
+    scenario: dict[str, Any],
+    timeout_s: float = 90,
+    options: RunOptions | None = None,
 ) -> RunResult:
     """Write ``scenario`` into ``tmp_path`` and run it in this loop, bounded in time."""
     loaded = load_scenario(write_scenario(tmp_path / "scenario.yaml", scenario))
     async with asyncio.timeout(timeout_s):
-        return await run_scenario(loaded, RunOptions(handle_signals=False))
+        return await run_scenario(loaded, options or RunOptions(handle_signals=False))
+
+
+def assert_every_signal_accounted(
+    scenario: dict[str, Any], report: dict[str, Any], traces: Path
+) -> None:
+    """The accounting invariant: every signal sent has exactly one verdict in each chain
+    that follows it, and each verdict one line in the trace log."""
+    lines = [json.loads(line) for line in traces.read_text().splitlines()]
+    for chain in scenario["chains"]:
+        assert chain.get("sample", 1.0) == 1.0, "the invariant is stated for whole chains"
+        judged = report["chains"][chain["name"]]
+        assert judged["followed"] == report["signals"][chain["signal"]]["sent"], chain["name"]
+        assert judged["followed"] == sum(v for k, v in judged.items() if k in VERDICTS)
+        assert judged["followed"] == sum(1 for line in lines if line["chain"] == chain["name"])
+    assert len({(line["chain"], line["trace_id"]) for line in lines}) == len(lines)
+
+
+VERDICTS = ("ok", "failed", "aborted")
 
 
 def read_traces(tmp_path: Path) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from junitparser import Failure, JUnitXml
 
-from conftest import REPO, scenario_dict, write_scenario
+from conftest import REPO, assert_every_signal_accounted, scenario_dict, write_scenario
 from faults.api import make_app
 from faults.proxy import ProxySet
 from fleetprobe.run import RunOptions, run_scenario
@@ -37,6 +37,11 @@ async def run_drill(path: Path, workdir: Path) -> tuple[int, dict[str, Any]]:
     return code, read_report(path, workdir)
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(path.read_text())
+    return document
+
+
 def read_report(scenario: Path, workdir: Path) -> dict[str, Any]:
     """The report.json a drill wrote under ``workdir/out/<name>/``."""
     name = yaml.safe_load(scenario.read_text())["name"]
@@ -55,6 +60,8 @@ async def test_each_shipped_drill_passes(
     assert report["expectations"] and not failed
     for fault in report["faults"]:
         assert fault["applied_at"] and fault["reverted_at"] and not fault["errors"]
+    scenario = read_yaml(drill)
+    assert_every_signal_accounted(scenario, report, tmp_path / scenario["exporters"]["traces"])
     if drill.stem == "publish-loss":
         # 10% of the telemetry PUBLISH packets dropped: that share fails at the broker hop.
         loss = next(e for e in report["expectations"] if e["check"] == "fails_at")

@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from conftest import run_scenario_dict, scenario_dict
+from conftest import assert_every_signal_accounted, run_scenario_dict, scenario_dict
 from exporters.results import ResultBook
 from exporters.saturation import SaturationWatch
+from fleetprobe.run import RunOptions
+from transport.queues import QueueState
 
 
 def watch_over(
-    book: ResultBook, queues: dict[str, tuple[int, int | None]]
+    book: ResultBook, queues: dict[str, QueueState]
 ) -> tuple[SaturationWatch, CollectorRegistry]:
     registry = CollectorRegistry()
     return SaturationWatch(book, lambda: queues, registry, "s"), registry
@@ -43,30 +45,33 @@ def test_a_window_with_lag_p99_over_10ms_is_saturated_and_named(
     assert report["windows_saturated"] == 1
 
 
-def test_a_queue_overflow_is_counted_and_named_once_per_new_drop(
+def test_a_queue_overflow_is_named_once_per_new_drop(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Drops count into the metric and the report; the gauge falls back when they stop."""
+    """New overflows make the window saturated and are reported; the gauge falls back
+    after three clean windows."""
     book = ResultBook([], [])
-    queues = {"mqtt": (0, 100_000)}
+    queues = {"mqtt_observer": QueueState(0, 100_000)}
     watch, registry = watch_over(book, queues)
     watch.check(1.0, 1.0)
-    labels = {"scenario": "s", "observer": "mqtt"}
-    assert registry.get_sample_value("fleetprobe_observer_dropped_total", labels) == 0
-    queues["mqtt"] = (250, 100_000)
+    assert registry.get_sample_value("fleetprobe_prober_saturated", {"scenario": "s"}) == 0
+    queues["mqtt_observer"] = QueueState(100_000, 100_000, 250)
     with caplog.at_level(logging.WARNING, logger="fleetprobe"):
         watch.check(2.0, 1.0)
-    assert "the mqtt observer's queue of 100,000 messages overflowed: 250 received" in caplog.text
-    assert registry.get_sample_value("fleetprobe_observer_dropped_total", labels) == 250
+    assert (
+        "the mqtt_observer queue (capacity 100,000) overflowed 250 times in the last 1s: "
+        "received messages dropped" in caplog.text
+    )
+    assert registry.get_sample_value("fleetprobe_prober_saturated", {"scenario": "s"}) == 1
     with caplog.at_level(logging.INFO, logger="fleetprobe"):
         for second in (3.0, 4.0, 5.0):
             assert "keeps up again" not in caplog.text  # not after fewer clean windows
             watch.check(second, 1.0)
     assert registry.get_sample_value("fleetprobe_prober_saturated", {"scenario": "s"}) == 0
     assert "the prober keeps up again (saturated from 1s to 2s of the run)" in caplog.text
-    assert watch.as_report()["observer_dropped"] == {"mqtt": 250}
-    assert watch.as_report()["limits_hit"] == ["mqtt_inbound_queue"]
-    assert any("dropped 250 received messages" in line for line in watch.summary_lines())
+    assert watch.as_report()["queue_overflowed"] == {"mqtt_observer": 250}
+    assert watch.as_report()["limits_hit"] == ["mqtt_observer_queue"]
+    assert any("overflowed 250 times: received messages" in line for line in watch.summary_lines())
 
 
 async def test_a_stalled_prober_says_so_during_the_run_and_in_the_report(
@@ -107,5 +112,33 @@ async def test_a_prober_that_keeps_up_reports_no_saturation(
         "limits_hit": [],
         "windows_saturated": 0,
         "worst_lag_p99_s": None,
-        "observer_dropped": {},
+        "queue_overflowed": {},
     }
+
+
+async def test_a_full_tracker_stops_sending_and_every_bound_is_exported(
+    tmp_path: Path, broker_url: str, prefix: str
+) -> None:
+    """With room for 5 signals in flight, the rest are not sent (send errors tracker_full),
+    the accounting still holds, and every queue's depth, bound and overflow is exported."""
+    scenario = scenario_dict(broker_url, prefix, duration="2s")
+    scenario["exporters"] = {"traces": str(tmp_path / "traces.jsonl")}
+    registry = CollectorRegistry()
+    options = RunOptions(handle_signals=False, registry=registry, tracker_capacity=5)
+    result = await run_scenario_dict(tmp_path, scenario, options=options)
+
+    errors = result.report["signals"]["telemetry"]["send_errors_by_reason"]
+    assert errors["tracker_full"] > 0
+    assert "tracker_queue" in result.report["prober"]["limits_hit"]
+    assert result.report["prober"]["queue_overflowed"]["tracker"] == errors["tracker_full"]
+    assert_every_signal_accounted(scenario, result.report, tmp_path / "traces.jsonl")
+
+    def sample(name: str, queue: str) -> float | None:
+        return registry.get_sample_value(name, {"scenario": "test", "queue": queue})
+
+    assert sample("fleetprobe_queue_overflow_total", "tracker") == errors["tracker_full"]
+    assert sample("fleetprobe_queue_capacity", "tracker") == 5
+    for queue, capacity in (("mqtt_observer", 100_000), ("qos_acks", 1000)):
+        assert sample("fleetprobe_queue_capacity", queue) == capacity
+        assert sample("fleetprobe_queue_overflow_total", queue) == 0
+    assert sample("fleetprobe_queue_depth", "reconnect_wait") == 0

@@ -500,6 +500,11 @@ class MqttSession:
         """Messages dropped because the application fell ``inbound_limit`` behind."""
         return self._connected().inbound_dropped
 
+    @property
+    def inbound_waiting(self) -> int:
+        """Received messages the application has not taken yet (at most ``inbound_limit``)."""
+        return len(self._connected().inbound)
+
     async def publish(
         self,
         topic: str,

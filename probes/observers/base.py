@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from probes.tracker import Tracker
 from transport.links import LinkStats
 from transport.mqtt import BrokerTarget
+from transport.queues import QueueState
 
 
 class HopConfig(BaseModel, extra="forbid", frozen=True):
@@ -100,14 +101,9 @@ class Observer(ABC):
         """Release connections; called once after :meth:`run` ended."""
 
     @property
-    def dropped(self) -> int:
-        """Messages received but dropped because the prober fell behind (a bounded queue
-        overflowed); the hops they were for time out, which is the prober's failing."""
-        return 0
-
-    @property
-    def queue_limit(self) -> int | None:
-        """The bound of the queue whose overflow :attr:`dropped` counts, if there is one."""
+    def queue(self) -> QueueState | None:
+        """Its queue of received messages waiting for the tracker, if it has one. What a full
+        queue turns away is the prober's loss: the hops they were for time out."""
         return None
 
     @property

@@ -25,6 +25,7 @@ from probes.trace_ids import RETAINED, TraceIdReader, Unmatched, one_source, par
 from transport.errors import ConnectError, NotAuthorizedError
 from transport.links import Backoff, LinkStats
 from transport.mqtt import InboundMessage, MqttSession
+from transport.queues import QueueState
 from transport.topics import check_topic_filter, topic_matches
 
 log = logging.getLogger("fleetprobe")
@@ -80,13 +81,11 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
         self._link = LinkStats("observer", expected=1)
 
     @property
-    def dropped(self) -> int:
-        current = self._session.inbound_dropped if self._session is not None else 0
-        return self._dropped_by_past_sessions + current
-
-    @property
-    def queue_limit(self) -> int:
-        return INBOUND_LIMIT
+    def queue(self) -> QueueState:
+        session = self._session
+        waiting = session.inbound_waiting if session is not None else 0
+        dropped = self._dropped_by_past_sessions + (session.inbound_dropped if session else 0)
+        return QueueState(waiting, INBOUND_LIMIT, dropped)
 
     @property
     def link(self) -> LinkStats:
