@@ -14,7 +14,7 @@ from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from probes.config import Duration, PathText
 from probes.observers.base import HopConfig, Observer, ObserverContext, WatchedHop
@@ -35,7 +35,9 @@ class HttpPollHop(HopConfig):
     header: str | None = None
     timeout: Duration = Field(2.0, gt=0)
     concurrency: int = Field(16, ge=1, le=1000)
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict, description="sent with every poll; values are kept secret"
+    )
     latest: bool = False
 
     @field_validator("url")
@@ -72,6 +74,7 @@ class _PolledHop:
         self.config = config
         self.url = TextTemplate(config.url, SIGNAL_FIELDS)
         self.trace_id = TraceIdReader(config.trace_id, config.header)
+        self.headers = {k: v.get_secret_value() for k, v in config.headers.items()} or None
         # url -> the trace id it showed last, kept after nobody waits on the URL (a state API
         # keeps showing it), bounded for URL templates that differ per signal.
         self.last_shown: OrderedDict[str, str] = OrderedDict()
@@ -134,7 +137,7 @@ class HttpPollObserver(Observer, kind="http_poll", config=HttpPollHop):
         stats = self.context.stats
         asked_ns = time.monotonic_ns()
         try:
-            response = await client.request("GET", url, headers=polled.config.headers or None)
+            response = await client.request("GET", url, headers=polled.headers)
         except HttpError as error:
             stats.poll_error(hop.chain_index, hop.hop_index, error.reason)
             return
