@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
-from conftest import assert_every_signal_accounted, read_traces, scenario_dict, write_scenario
+from conftest import REPO, assert_every_signal_accounted, read_traces, scenario_dict, write_scenario
 from fleetprobe.run import RunOptions, run_scenario
 from fleetprobe.scenario import load_scenario
 from testbed.mosquitto import MosquittoProcess
@@ -100,3 +101,47 @@ async def test_two_runs_of_one_fleet_do_not_throw_each_other_out_for_ever(
         assert report["mqtt"]["fleet"]["reconnects"] <= 3 * 10  # a few per vehicle, no storm
         chain, signal = report["chains"]["telemetry"], report["signals"]["telemetry"]
         assert signal["sent"] == chain["followed"]
+
+
+async def test_two_restarts_and_a_black_hole_in_one_run(tmp_path: Path, prefix: str) -> None:
+    """Mosquitto restarted twice and the fleet's path black-holed for 3 s, in one run
+    (the shortened form of a 60 s run with two restarts and a 5 s black hole): the run goes
+    to its end, exits as its objectives say, every signal is accounted for, and the report
+    names each outage (two per session group) and the fault window."""
+    broker = MosquittoProcess()
+    broker.start()
+    try:
+        drill = yaml.safe_load((REPO / "scenarios/drills/broker-black-hole.yaml").read_text())
+        scenario = scenario_dict(broker.url, prefix, duration="14s")
+        scenario["target"]["mqtt"].update(sessions="per_vehicle", via="fleet-broker")
+        scenario["faults"] = drill["faults"]
+        scenario["faults"]["proxies"][0]["upstream"] = f"127.0.0.1:{broker.port}"
+        scenario["faults"]["timeline"][0].update({"at": "6s", "for": "3s"})
+        scenario["expect"] = [
+            {"fault": "black-hole", "chain": "telemetry", "fails_at": "broker", "min_ratio": 0.9}
+        ]
+        scenario["slo"] = [{"chain": "telemetry", "success_ratio": 0.5}]
+        scenario["exporters"] = {"traces": str(tmp_path / "traces.jsonl")}
+        loaded = load_scenario(write_scenario(tmp_path / "s.yaml", scenario))
+        run = asyncio.create_task(run_scenario(loaded, RunOptions(handle_signals=False)))
+        async with asyncio.timeout(20):
+            await first_messages(BrokerTarget(broker.host, broker.port), f"{prefix}/#", 20)
+        for wait_s in (0.0, 9.0):  # restarts at about 1 s and 11 s into the run
+            await asyncio.sleep(wait_s)  # the fault schedule itself
+            await asyncio.to_thread(broker.stop)
+            await asyncio.sleep(OUTAGE_S)
+            await asyncio.to_thread(broker.start)
+        async with asyncio.timeout(60):
+            result = await run
+    finally:
+        broker.stop()
+
+    report = result.report
+    assert result.exit_code == 0, [e["detail"] for e in report["expectations"]]
+    assert_every_signal_accounted(scenario, report, tmp_path / "traces.jsonl")
+    for role in ("fleet", "observer"):
+        outages = report["mqtt"][role]["outages"]
+        assert len(outages) >= 2 and all(o["to"] is not None for o in outages), (role, outages)
+    [fault] = report["faults"]
+    assert fault["name"] == "black-hole" and fault["applied_at"] and fault["reverted_at"]
+    assert report["chains"]["telemetry"]["failed_at"]["broker"] > 0
