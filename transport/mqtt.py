@@ -371,7 +371,15 @@ class MqttSession:
             raise ConnectError(t.url, f"name not resolved ({exc})", reason="dns") from None
         except OSError as exc:
             self._drop_connection()
-            raise ConnectError(t.url, _os_error_text(exc), reason=_os_reason(exc)) from None
+            detail = _os_error_text(exc)
+            if t.tls is not None and isinstance(exc, ConnectionResetError):
+                # TLS 1.3 finishes the handshake before the broker checks the client's
+                # certificate; a refusal then looks like a reset, so say what it may be.
+                detail += (
+                    "; a TLS broker does this when it requires a client certificate that "
+                    "was not given (target.mqtt.tls.cert and key) or not accepted"
+                )
+            raise ConnectError(t.url, detail, reason=_os_reason(exc)) from None
         if connack.reason_code:
             self._drop_connection()
             detail = _connack_text(connack.reason_code, self._level)
