@@ -1,5 +1,6 @@
-"""SIGINT and SIGTERM during a run: the first stops emission and shortens the drain, the
-second ends the drain at once. The reports are written either way."""
+"""SIGINT and SIGTERM during a run: the first stops what is going on (the start, the
+emission) and shortens the drain, the second ends the drain at once. The reports are
+written either way."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ class Interruption:
     def __init__(self) -> None:
         self.signal_number: int | None = None
         self.on_first: Callable[[], None] | None = None
-        self.again: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.first: asyncio.Future[None] = loop.create_future()
+        self.again: asyncio.Future[None] = loop.create_future()
 
     @property
     def interrupted(self) -> bool:
@@ -48,6 +51,7 @@ class Interruption:
                 signal.Signals(number).name,
                 INTERRUPT_DRAIN_S,
             )
+            self.first.set_result(None)
             if self.on_first is not None:
                 self.on_first()
         elif not self.again.done():

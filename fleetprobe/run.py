@@ -145,6 +145,8 @@ class _Run:
                     await self._serve_metrics(serving)  # outlives the run: see _linger
                     if self.options.handle_signals:
                         stack.enter_context(self.interruption.installed())
+                    # A signal while connecting ends the start; emission replaces this.
+                    self.interruption.on_first = _canceller(asyncio.current_task())
                     await self._start_alerts(stack)
                     observers = await self._start_observers(stack)
                     await self.faults.start(stack)
@@ -152,6 +154,11 @@ class _Run:
                     vehicles = build_fleet(self.plan.fleet, self.options.shard)
                     publisher = await self._connect_fleet(stack, vehicles)
                     await self._emit_and_follow(vehicles, publisher, observers)
+                except asyncio.CancelledError:
+                    if not self.interruption.interrupted or self.emission_start_ns is not None:
+                        raise
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                    log.warning("interrupted while starting: nothing was sent")
                 except ListenError as error:
                     log.error("%s", error)
                     self.result.exit_code = ExitCode.BAD_SCENARIO
@@ -318,13 +325,36 @@ class _Run:
             await emitter.flush()  # every QoS 1/2 send is acknowledged or counted as failed
             emitting = False
             self.live.phase = "draining"
-            drain_s = self.plan.drain_s
-            if self.interruption.interrupted:
-                drain_s = min(drain_s, INTERRUPT_DRAIN_S)
-            await asyncio.wait({sweeper, self.interruption.again}, timeout=drain_s)
+            log.info(
+                "emission ended; waiting up to %gs for the last signals' deadlines",
+                self.plan.drain_s,
+            )
+            await self._drain(sweeper)
             self.live.phase = "done"
             for task in (*background, sweeper):
                 task.cancel()
+
+    async def _drain(self, sweeper: asyncio.Task[None]) -> None:
+        """Wait until the last signal is judged (the sweeper ends) or the last deadline,
+        at most INTERRUPT_DRAIN_S after a first signal, not at all after a second."""
+        interruption = self.interruption
+        loop = asyncio.get_running_loop()
+        ends_at = loop.time() + self.plan.drain_s
+        if not interruption.interrupted:
+            await asyncio.wait(
+                {sweeper, interruption.first, interruption.again},
+                timeout=self.plan.drain_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        if interruption.interrupted:
+            ends_at = min(ends_at, loop.time() + INTERRUPT_DRAIN_S)
+        remaining_s = ends_at - loop.time()
+        if remaining_s > 0 and not sweeper.done():
+            await asyncio.wait(
+                {sweeper, interruption.again},
+                timeout=remaining_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
 
     async def _watch_health(self) -> None:
         while True:
@@ -376,6 +406,14 @@ class _Run:
             sections["faults"] = self.faults.as_report(self.emission_start_ns)
             notes.append(render_fault_timeline(sections["faults"], self.duration_s))
         return conclude(scenario, record, result, self.options.out, sections=sections, notes=notes)
+
+
+def _canceller(task: asyncio.Task[Any] | None) -> Callable[[], None]:
+    def cancel() -> None:
+        if task is not None:
+            task.cancel()
+
+    return cancel
 
 
 def _owned_by(shard: tuple[int, int]) -> Callable[[str], bool] | None:
