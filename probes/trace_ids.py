@@ -24,6 +24,7 @@ BAD_TRACE_ID = "bad_trace_id"
 UNKNOWN_TRACE_ID = "unknown_trace_id"
 RETAINED = "retained"
 LATE = "late"
+TOO_LARGE = "too_large"  # a message over transport.mqtt.MAX_MESSAGE_BYTES, not kept
 
 _INVALID_TRACE_ID = "0" * 32
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")

@@ -36,6 +36,7 @@ from transport.mqtt_codec import (
     Publish,
     decode_packet,
     decode_properties,
+    decode_publish_head,
     decode_varint,
     encode_ack,
     encode_properties,
@@ -715,11 +716,28 @@ def test_frame_decoder_handles_split_and_batched_input() -> None:
     assert out == [0x30, 0xC0, 0xE0]
     decoder.feed(stream)
     assert [decoder.next_packet(), decoder.next_packet(), decoder.next_packet()] == [
-        (0x30, stream[3:306]),
-        (0xC0, b""),
-        (0xE0, b""),
+        (0x30, stream[3:306], 0),
+        (0xC0, b"", 0),
+        (0xE0, b"", 0),
     ]
     assert decoder.next_packet() is None
+
+
+def test_frame_decoder_cuts_a_packet_over_its_keep_limit_and_drops_the_rest() -> None:
+    """Over ``keep_at_most``, a packet's head comes out (topic, packet id) and the rest of
+    its bytes are dropped as they arrive, however split; the next packet is whole."""
+    big = encode_publish(Publish("a/topic", b"y" * 100_000, qos=1, packet_id=7), 4)
+    stream = big + b"\xc0\x00"
+    decoder = FrameDecoder(1 << 20, keep_at_most=70_000)
+    out = []
+    for start in range(0, len(stream), 4096):
+        decoder.feed(stream[start : start + 4096])
+        while (raw := decoder.next_packet()) is not None:
+            out.append(raw)
+    cut, ping = out
+    assert cut.cut_from == len(big) - 4 and len(cut.body) <= 65_539
+    assert decode_publish_head(cut.first_byte, cut.body) == ("a/topic", 1, 7)
+    assert (ping.first_byte, ping.body, ping.cut_from) == (0xC0, b"", 0)
 
 
 def test_frame_decoder_rejects_oversized_packet_from_header() -> None:

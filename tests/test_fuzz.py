@@ -15,7 +15,7 @@ from faults.mqtt_frames import MalformedError, MqttFramer, Session, inspect_publ
 from fleetprobe.scenario import ScenarioError
 from fleetprobe.scenario.loader import parse_scenario
 from probes.trace_ids import TraceIdReader, Unmatched, compile_path, parse_json
-from transport.mqtt_codec import MqttError, decode_packet, decode_server_packet
+from transport.mqtt_codec import MqttError, decode_packet, decode_publish_head, decode_server_packet
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))
 FUZZ = settings(
@@ -144,6 +144,8 @@ def test_the_mqtt_codec_decodes_any_packet_or_raises_its_own_error(
     for decode in (decode_packet, decode_server_packet):
         with contextlib.suppress(MqttError):
             decode(first_byte, body, level)
+    with contextlib.suppress(MqttError):
+        decode_publish_head(first_byte, body)
 
 
 @FUZZ

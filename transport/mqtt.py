@@ -40,13 +40,16 @@ from transport.mqtt_codec import (
     Disconnect,
     FrameDecoder,
     MqttError,
+    PacketTooLargeError,
     PacketType,
     Properties,
     PropertyId,
     Publish,
+    RawPacket,
     Suback,
     Subscribe,
     SubscriptionRequest,
+    decode_publish_head,
     decode_server_packet,
     encode_ack,
     encode_connect,
@@ -63,6 +66,9 @@ ProtocolName = Literal["5", "3.1.1"]
 # CONNACK codes that mean "wrong credentials": retrying cannot help.
 _NOT_AUTHORIZED_CODES = {4, 5, 134, 135}
 _MAX_PACKET_SIZE = 268_435_460  # the protocol's own limit: a 4-byte remaining length
+MAX_MESSAGE_BYTES = 1 << 20
+"""Received messages larger than this are not kept (see ``InboundMessage.cut_from``)."""
+_INBOUND_BYTES = 256 << 20  # what received messages waiting for the application may hold
 _MAX_TOPIC_BYTES = 65_535
 # MQTT 3.1.1 has no Receive Maximum: keep to Mosquitto's default in-flight window (paho's
 # too), past which a broker may drop incoming QoS 2 messages.
@@ -133,6 +139,9 @@ class InboundMessage:
     correlation_data: bytes | None
     seen_ns: int
     subscription_ids: tuple[int, ...] = ()  # MQTT 5: which subscriptions matched it
+    cut_from: int = 0
+    """Nonzero for a message over ``MAX_MESSAGE_BYTES``: its size; its payload was dropped
+    as it arrived (``payload`` is empty), only its topic kept."""
 
 
 class _Connection(asyncio.Protocol):
@@ -145,7 +154,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self, level: int, inbound_limit: int) -> None:
         self.level = level
         self.transport: asyncio.Transport | None = None
-        self._decoder = FrameDecoder(_MAX_PACKET_SIZE)
+        # A message is never buffered over MAX_MESSAGE_BYTES: a bounded read of the broker.
+        self._decoder = FrameDecoder(_MAX_PACKET_SIZE, keep_at_most=MAX_MESSAGE_BYTES + 5)
         loop = asyncio.get_running_loop()
         self.connack: asyncio.Future[Connack] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -155,6 +165,7 @@ class _Connection(asyncio.Protocol):
         self.subacks: dict[int, asyncio.Future[Suback]] = {}
         self.inbound: deque[InboundMessage] = deque()
         self.inbound_limit = inbound_limit
+        self.inbound_bytes = 0
         self.inbound_dropped = 0
         self.inbound_waiter: asyncio.Future[None] | None = None
         self._qos2_received: set[int] = set()
@@ -180,6 +191,9 @@ class _Connection(asyncio.Protocol):
         decoder.feed(data)
         try:
             while (raw := decoder.next_packet()) is not None:
+                if raw.cut_from:
+                    self._on_cut(raw, seen_ns)
+                    continue
                 packet = decode_server_packet(raw.first_byte, raw.body, self.level)
                 if isinstance(packet, Publish):
                     self._on_publish(packet, seen_ns)
@@ -265,16 +279,9 @@ class _Connection(asyncio.Protocol):
     # Receiving
 
     def _on_publish(self, packet: Publish, seen_ns: int) -> None:
-        if packet.qos == 2:
-            packet_id = packet.packet_id or 0
-            self.write(encode_ack(PacketType.PUBREC, packet_id, self.level))
-            if packet_id in self._qos2_received:
-                return  # a resend before our PUBREC arrived: delivered once already
-            self._qos2_received.add(packet_id)
-        elif packet.qos == 1:
-            self.write(encode_ack(PacketType.PUBACK, packet.packet_id or 0, self.level))
-        if len(self.inbound) >= self.inbound_limit:
-            self.inbound_dropped += 1
+        if not self._acknowledge(packet.qos, packet.packet_id):
+            return
+        if self._queue_is_full(len(packet.payload)):
             return
         user_properties: list[tuple[str, str]] = []
         correlation: bytes | None = None
@@ -286,7 +293,7 @@ class _Connection(asyncio.Protocol):
                 correlation = value
             elif key == PropertyId.SUBSCRIPTION_IDENTIFIER and isinstance(value, int):
                 subscription_ids.append(value)
-        self.inbound.append(
+        self._enqueue(
             InboundMessage(
                 packet.topic,
                 packet.payload,
@@ -297,6 +304,38 @@ class _Connection(asyncio.Protocol):
                 tuple(subscription_ids),
             )
         )
+
+    def _on_cut(self, raw: RawPacket, seen_ns: int) -> None:
+        """A packet too large to keep: a PUBLISH is acknowledged and passed on with its
+        topic only, so that it is counted where it was meant to be seen."""
+        if raw.packet_type != PacketType.PUBLISH:
+            raise PacketTooLargeError(f"a control packet of {raw.cut_from} bytes")
+        topic, qos, packet_id = decode_publish_head(raw.first_byte, raw.body)
+        if self._acknowledge(qos, packet_id) and not self._queue_is_full(0):
+            retain = bool(raw.first_byte & 0x01)
+            self._enqueue(InboundMessage(topic, b"", retain, (), None, seen_ns, (), raw.cut_from))
+
+    def _acknowledge(self, qos: int, packet_id: int | None) -> bool:
+        """Ack a received PUBLISH; False for a QoS 2 resend already delivered."""
+        if qos == 2:
+            packet_id = packet_id or 0
+            self.write(encode_ack(PacketType.PUBREC, packet_id, self.level))
+            if packet_id in self._qos2_received:
+                return False  # a resend before our PUBREC arrived: delivered once already
+            self._qos2_received.add(packet_id)
+        elif qos == 1:
+            self.write(encode_ack(PacketType.PUBACK, packet_id or 0, self.level))
+        return True
+
+    def _queue_is_full(self, size: int) -> bool:
+        if len(self.inbound) >= self.inbound_limit or self.inbound_bytes + size > _INBOUND_BYTES:
+            self.inbound_dropped += 1
+            return True
+        return False
+
+    def _enqueue(self, message: InboundMessage) -> None:
+        self.inbound.append(message)
+        self.inbound_bytes += len(message.payload)
         self._wake_reader()
 
     def _on_control(self, packet: object) -> None:
@@ -626,7 +665,9 @@ class MqttSession:
         inbound = connection.inbound
         while True:
             while inbound:
-                yield inbound.popleft()
+                message = inbound.popleft()
+                connection.inbound_bytes -= len(message.payload)
+                yield message
             if connection.closed.done():
                 raise ConnectError(self.target.url, connection.close_reason, reason="disconnected")
             connection.inbound_waiter = asyncio.get_running_loop().create_future()

@@ -551,15 +551,45 @@ def get_int_property(properties: Properties, prop_id: int) -> int | None:
 
 
 class RawPacket(NamedTuple):
-    """One complete packet cut out of the byte stream, not yet decoded."""
+    """One complete packet cut out of the byte stream, not yet decoded.
+
+    ``cut_from`` is nonzero for a packet over the decoder's ``keep_at_most``: ``body`` then
+    holds only its first bytes (enough for a PUBLISH's topic and packet id), and
+    ``cut_from`` is the length of the whole body, which was dropped as it arrived.
+    """
 
     first_byte: int
     body: bytes
+    cut_from: int = 0
 
     @property
     def packet_type(self) -> int:
         """The control packet type (upper nibble of the first byte)."""
         return self.first_byte >> 4
+
+
+CUT_PACKET_HEAD = 2 + 65_535 + 2
+"""What a cut packet keeps: room for a PUBLISH's topic (at most 65,535 bytes) and packet id."""
+
+
+def decode_publish_head(first_byte: int, head: bytes) -> tuple[str, int, int | None]:
+    """Topic, QoS and packet id from the first bytes of a PUBLISH (a cut one).
+
+    Raises:
+        MalformedPacketError: the head does not hold them.
+    """
+    qos = (first_byte >> 1) & 0x03
+    if len(head) < 2:
+        raise MalformedPacketError("PUBLISH shorter than its topic")
+    size = int.from_bytes(head[:2], "big")
+    if len(head) < 2 + size + (2 if qos else 0):
+        raise MalformedPacketError("PUBLISH shorter than its topic")
+    try:
+        topic = head[2 : 2 + size].decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPacketError("invalid UTF-8 topic") from None
+    packet_id = int.from_bytes(head[2 + size : 4 + size], "big") if qos else None
+    return topic, qos, packet_id
 
 
 class FrameDecoder:
@@ -570,15 +600,23 @@ class FrameDecoder:
 
     Args:
         max_packet_size: Largest accepted packet, fixed header included.
+        keep_at_most: Larger packets are not buffered whole: their first
+            ``CUT_PACKET_HEAD`` bytes are returned and the rest is dropped as it comes.
     """
 
-    def __init__(self, max_packet_size: int) -> None:
+    def __init__(self, max_packet_size: int, *, keep_at_most: int | None = None) -> None:
         self.max_packet_size = max_packet_size
+        self.keep_at_most = keep_at_most
         self._buf = bytearray()
         self._pos = 0
+        self._dropping = 0  # bytes of a cut packet still to come and be dropped
 
     def feed(self, data: bytes) -> None:
         """Appends received bytes."""
+        if self._dropping:
+            dropped = min(self._dropping, len(data))
+            self._dropping -= dropped
+            data = data[dropped:]
         # Compact lazily here rather than per packet: one memmove per read.
         if self._pos:
             del self._buf[: self._pos]
@@ -609,10 +647,26 @@ class FrameDecoder:
         end = body_start + length
         if end - pos > self.max_packet_size:
             raise PacketTooLargeError(f"packet of {end - pos} bytes exceeds {self.max_packet_size}")
+        if self.keep_at_most is not None and end - pos > self.keep_at_most:
+            return self._cut(pos, body_start, length)
         if end > len(buf):
             return None
         self._pos = end
         return RawPacket(buf[pos], bytes(buf[body_start:end]))
+
+    def _cut(self, pos: int, body_start: int, length: int) -> RawPacket | None:
+        buf = self._buf
+        head_end = body_start + min(length, CUT_PACKET_HEAD)
+        if head_end > len(buf):
+            return None  # not even its head yet
+        packet = RawPacket(buf[pos], bytes(buf[body_start:head_end]), cut_from=length)
+        end = body_start + length
+        if end <= len(buf):
+            self._pos = end
+        else:
+            self._pos = len(buf)
+            self._dropping = end - len(buf)
+        return packet
 
 
 # --------------------------------------------------------------------------

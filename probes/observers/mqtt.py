@@ -21,7 +21,14 @@ from probes.observers.base import (
     ObserverSetupError,
     WatchedHop,
 )
-from probes.trace_ids import RETAINED, TraceIdReader, Unmatched, one_source, parse_json
+from probes.trace_ids import (
+    RETAINED,
+    TOO_LARGE,
+    TraceIdReader,
+    Unmatched,
+    one_source,
+    parse_json,
+)
 from transport.errors import ConnectError, NotAuthorizedError
 from transport.links import Backoff, LinkStats
 from transport.mqtt import InboundMessage, MqttSession
@@ -178,6 +185,9 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
                 if message.retain:
                     # A retained message is old state replayed on subscribe, not a sighting.
                     tracker.unmatched(route.chain_index, route.hop_index, RETAINED)
+                    continue
+                if message.cut_from:
+                    tracker.unmatched(route.chain_index, route.hop_index, TOO_LARGE)
                     continue
                 if body is _UNPARSED:
                     body = parse_json(message.payload)
