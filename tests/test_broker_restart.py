@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from testbed.mosquitto import MosquittoProcess
 from transport.mqtt import BrokerTarget, MqttSession
 
 OUTAGE_S = 1.0
+OUTAGE_RUN_S = float(os.environ.get("FLEETPROBE_OUTAGE_RUN_S", "14"))
 
 
 async def first_messages(target: BrokerTarget, topic_filter: str, count: int) -> None:
@@ -104,34 +106,40 @@ async def test_two_runs_of_one_fleet_do_not_throw_each_other_out_for_ever(
 
 
 async def test_two_restarts_and_a_black_hole_in_one_run(tmp_path: Path, prefix: str) -> None:
-    """Mosquitto restarted twice and the fleet's path black-holed for 3 s, in one run
-    (the shortened form of a 60 s run with two restarts and a 5 s black hole): the run goes
-    to its end, exits as its objectives say, every signal is accounted for, and the report
-    names each outage (two per session group) and the fault window."""
+    """Mosquitto restarted twice and the fleet's path black-holed, in one run of
+    OUTAGE_RUN_S (14 s with a 3 s hole here; FLEETPROBE_OUTAGE_RUN_S=60 runs the long form
+    with a 5 s hole): the run goes to its end, exits as its objectives say, every signal
+    is accounted for, and the report names each outage and the fault window."""
+    hole_s = 5 if OUTAGE_RUN_S >= 60 else 3
     broker = MosquittoProcess()
     broker.start()
     try:
         drill = yaml.safe_load((REPO / "scenarios/drills/broker-black-hole.yaml").read_text())
-        scenario = scenario_dict(broker.url, prefix, duration="14s")
+        scenario = scenario_dict(broker.url, prefix, duration=f"{OUTAGE_RUN_S:g}s")
         scenario["target"]["mqtt"].update(sessions="per_vehicle", via="fleet-broker")
         scenario["faults"] = drill["faults"]
         scenario["faults"]["proxies"][0]["upstream"] = f"127.0.0.1:{broker.port}"
-        scenario["faults"]["timeline"][0].update({"at": "6s", "for": "3s"})
+        hole = {"at": f"{0.43 * OUTAGE_RUN_S:.1f}s", "for": f"{hole_s}s"}
+        scenario["faults"]["timeline"][0].update(hole)
         scenario["expect"] = [
             {"fault": "black-hole", "chain": "telemetry", "fails_at": "broker", "min_ratio": 0.9}
         ]
         scenario["slo"] = [{"chain": "telemetry", "success_ratio": 0.5}]
-        scenario["exporters"] = {"traces": str(tmp_path / "traces.jsonl")}
+        scenario["exporters"] = {
+            "json": str(tmp_path / "report.json"),
+            "traces": str(tmp_path / "traces.jsonl"),
+        }
         loaded = load_scenario(write_scenario(tmp_path / "s.yaml", scenario))
         run = asyncio.create_task(run_scenario(loaded, RunOptions(handle_signals=False)))
         async with asyncio.timeout(20):
             await first_messages(BrokerTarget(broker.host, broker.port), f"{prefix}/#", 20)
-        for wait_s in (0.0, 9.0):  # restarts at about 1 s and 11 s into the run
+        # Restarts at about 1 s and 80% into the run, on either side of the hole.
+        for wait_s in (0.0, 0.8 * OUTAGE_RUN_S - 2 - OUTAGE_S):
             await asyncio.sleep(wait_s)  # the fault schedule itself
             await asyncio.to_thread(broker.stop)
             await asyncio.sleep(OUTAGE_S)
             await asyncio.to_thread(broker.start)
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(OUTAGE_RUN_S + 60):
             result = await run
     finally:
         broker.stop()
