@@ -16,7 +16,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 Combine = Callable[[float, float], float]
 
-SUMMED_GAUGES = frozenset({"fleetprobe_inflight_signals", "fleetprobe_mqtt_connected"})
+SUMMED_GAUGES = frozenset(
+    {
+        "fleetprobe_inflight_signals",
+        "fleetprobe_mqtt_connected",
+        "fleetprobe_queue_depth",
+        "fleetprobe_queue_capacity",
+    }
+)
 LOWEST_GAUGES = frozenset({"fleetprobe_hop_up"})
 
 

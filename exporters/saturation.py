@@ -34,6 +34,11 @@ log = logging.getLogger("fleetprobe")
 Queues = Callable[[], Mapping[str, QueueState]]
 """Every bounded queue of the run, by name."""
 
+PROBER_QUEUES = frozenset({"mqtt_observer", "tracker", "qos_acks"})
+"""The queues whose overflow means the prober itself is the limit. Other queues overflow
+for other reasons (``reconnect_wait``: the broker is away; ``alerts``: the receivers are
+slow); their overflows are counted all the same."""
+
 CONSEQUENCES = {
     "mqtt_observer": "received messages dropped: timeouts at its hops include the prober's "
     "own loss",
@@ -72,7 +77,7 @@ class SaturationWatch:
         self._gauge = Gauge(
             "fleetprobe_prober_saturated",
             "1 while the prober itself is the limit (emission lag p99 over 10 ms in the last "
-            "second, or an observer queue overflowed), else 0.",
+            "second, or one of its queues overflowed), else 0.",
             ["scenario"],
             registry=registry,
         ).labels(scenario)
@@ -123,6 +128,8 @@ class SaturationWatch:
     def _queue_problems(self, window_s: float) -> list[str]:
         problems = []
         for name, state in self._queues().items():
+            if name not in PROBER_QUEUES:
+                continue
             new = state.overflowed - self._overflowed.get(name, 0)
             if new > 0:
                 self._overflowed[name] = state.overflowed

@@ -90,14 +90,17 @@ class Emitter:
             self._pending.add(waiting)
             waiting.add_done_callback(self._pending.discard)
             return
-        if self._tracker.full and self._chains_of[emission.signal]:
-            self._overflow(emission, TRACKER_FULL)  # it could not be followed
-            return
         qos = self._publisher.signals[emission.signal].qos
         if qos:
             # Wait for room before the stamp: the wait is the prober's, shown as emission lag.
             await self._unacked.acquire()
             self._unacked_count += 1
+        if self._tracker.full and self._followers(emission):
+            if qos:
+                self._unacked_count -= 1
+                self._unacked.release()
+            self._overflow(emission, TRACKER_FULL)  # it could not be followed
+            return
         skew_ns = faults.skew_ns(emission.vin) if faults.any_active else 0
         outgoing = self._publisher.prepare(emission, intended_ns, clock_skew_ns=skew_ns)
         copies = 1
@@ -134,9 +137,8 @@ class Emitter:
 
     def _not_sent(self, emission: Emission, reason: str) -> None:
         """A signal that was never handed over: a send error, and unsent where followed."""
-        for index in self._chains_of[emission.signal]:
-            if self._tracker.chains[index].follows(emission.trace_id):
-                self._book.unsent(index)
+        for index in self._followers(emission):
+            self._book.unsent(index)
         self._metrics.send_error(emission.signal, reason)
         self._book.send_error(emission.signal, reason)
 
@@ -145,12 +147,16 @@ class Emitter:
         for signal in held:
             await self.emit(signal.emission, signal.intended_ns, held=True)
 
-    def _follow(self, emission: Emission, intended_ns: int, outgoing: Outgoing) -> list[int]:
-        followed = [
+    def _followers(self, emission: Emission) -> list[int]:
+        """The chains that follow this emission (its kind, and within their sample)."""
+        return [
             index
             for index in self._chains_of[emission.signal]
             if self._tracker.chains[index].follows(emission.trace_id)
         ]
+
+    def _follow(self, emission: Emission, intended_ns: int, outgoing: Outgoing) -> list[int]:
+        followed = self._followers(emission)
         for index in followed:
             self._tracker.follow(
                 index,

@@ -58,20 +58,10 @@ class Interruption:
             self.again.set_result(None)
 
 
-async def linger_for_last_scrape(seconds: float, *, handle_signals: bool = True) -> None:
-    """Keep /metrics up ``seconds`` after the reports, or less if SIGINT or SIGTERM comes."""
-    if seconds <= 0:
+async def linger_for_last_scrape(seconds: float, interruption: Interruption) -> None:
+    """Keep /metrics up ``seconds`` after the reports, unless the run was interrupted or
+    is while it waits (a signal ends the wait)."""
+    if seconds <= 0 or interruption.interrupted:
         return
     log.info("reports written; /metrics stays up %gs for a last scrape", seconds)
-    ended = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    numbers = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
-    for number in numbers:
-        loop.add_signal_handler(number, ended.set)
-    try:
-        await asyncio.wait_for(ended.wait(), seconds)
-    except TimeoutError:
-        pass
-    finally:
-        for number in numbers:
-            loop.remove_signal_handler(number)
+    await asyncio.wait({interruption.first}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)

@@ -116,7 +116,11 @@ class _Run:
         QueueCollector(self.registry, scenario.name, self._queues)
         self.saturation = SaturationWatch(self.book, self._queues, self.registry, scenario.name)
         self.tracker = Tracker(
-            self.plan.chains, self, _owned_by(options.shard), options.tracker_capacity
+            self.plan.chains,
+            self,
+            _owned_by(options.shard),
+            options.tracker_capacity,
+            counts_anonymous=options.shard[0] == 0,  # shard 0 counts what carries no id
         )
         self.metrics.track_inflight(self.tracker.inflight)
         self.alerts: AlertSender | None = None
@@ -131,7 +135,7 @@ class _Run:
             duration_s=self.duration_s,
             interactive=bool(out is not None and out.isatty()),
         )
-        self.live.inflight = lambda: sum(map(self.tracker.inflight, range(len(self.plan.chains))))
+        self.live.inflight = lambda: self.tracker.inflight_total
 
     async def execute(self) -> RunResult:
         """Run every part in order and write the reports, however the run ends."""
@@ -142,9 +146,10 @@ class _Run:
                 if traces_path:
                     self.traces = stack.enter_context(TraceLog(traces_path, self.plan.chains))
                 try:
-                    await self._serve_metrics(serving)  # outlives the run: see _linger
                     if self.options.handle_signals:
-                        stack.enter_context(self.interruption.installed())
+                        # Until the reports are written and the linger is over.
+                        serving.enter_context(self.interruption.installed())
+                    await self._serve_metrics(serving)  # outlives the run: see _linger
                     # A signal while connecting ends the start; emission replaces this.
                     self.interruption.on_first = _canceller(asyncio.current_task())
                     await self._start_alerts(stack)
@@ -172,6 +177,7 @@ class _Run:
                     log.error("%s", error)
                     self.result.exit_code = ExitCode.UNREACHABLE
                 finally:
+                    self.interruption.on_first = None  # a signal now must not cancel the end
                     # What an interruption left in flight is retired while the trace log is open.
                     self.tracker.abort_all()
                     self._note_health_changes()
@@ -233,8 +239,7 @@ class _Run:
     async def _linger(self) -> None:
         prometheus = self.scenario.exporters.prometheus
         if self.result.metrics_port is not None and prometheus is not None:
-            handle_signals = self.options.handle_signals
-            await linger_for_last_scrape(prometheus.linger, handle_signals=handle_signals)
+            await linger_for_last_scrape(prometheus.linger, self.interruption)
 
     async def _start_alerts(self, stack: AsyncExitStack) -> None:
         if not self.scenario.alerts:

@@ -14,14 +14,18 @@ and alerts (each shard would alert on its own slice).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from contextlib import AsyncExitStack, nullcontext
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -119,6 +123,9 @@ async def run_workers(
     workers: list[_Worker] = []
     with tempfile.TemporaryDirectory(prefix="fleetprobe-workers-") as scratch:
         async with AsyncExitStack() as serving:
+            if options.handle_signals:
+                # Until the merged reports are written and the linger is over.
+                serving.enter_context(interruption.installed())
             if listen:
                 try:
                     result.metrics_port = await _serve_merged(serving, listen, workers)
@@ -127,37 +134,30 @@ async def run_workers(
                     result.exit_code = ExitCode.BAD_SCENARIO
                     return result
             traces = scenario.exporters.traces
-            with interruption.installed() if options.handle_signals else nullcontext():
-                for index in range(count):
-                    job = ShardJob(
-                        scenario_path,
-                        (index, count),
-                        options.duration_s,
-                        str(Path(scratch, f"traces-{index}.jsonl")) if traces else None,
-                        serve_metrics=listen is not None,
-                        verbose=log.isEnabledFor(logging.DEBUG),
-                    )
-                    workers.append(_start(job))
-                log.info("%d worker processes started, one shard of the fleet each", count)
-                interruption.on_first = lambda: _forward(workers, interruption.signal_number)
-                forwarding = asyncio.ensure_future(_forward_again(workers, interruption))
-                try:
-                    await asyncio.gather(*(_follow(w, deadline_s) for w in workers))
-                finally:
-                    forwarding.cancel()
+            jobs = [
+                ShardJob(
+                    scenario_path,
+                    (index, count),
+                    options.duration_s,
+                    str(Path(scratch, f"traces-{index}.jsonl")) if traces else None,
+                    serve_metrics=listen is not None,
+                    verbose=log.isEnabledFor(logging.DEBUG),
+                )
+                for index in range(count)
+            ]
+            await _run_all(jobs, workers, interruption, deadline_s)
             record = _merge(
                 workers, plan.signals, plan.chains, started_at, started_ns, interruption
             )
-            if traces:
-                _join_traces([w.job.traces_path for w in workers], traces)
+            if traces:  # the shards that ended with results: their lines have verdicts
+                _join_traces([w.job.traces_path for w in workers if w.record is not None], traces)
             shards = [
                 {"shard": w.name, "exit_code": w.exit_code, "results": w.record is not None}
                 for w in workers
             ]
             conclude(scenario, record, result, options.out, sections={"workers": shards})
             if result.metrics_port is not None and prometheus is not None:
-                handle_signals = options.handle_signals
-                await linger_for_last_scrape(prometheus.linger, handle_signals=handle_signals)
+                await linger_for_last_scrape(prometheus.linger, interruption)
     return result
 
 
@@ -170,6 +170,35 @@ async def _serve_merged(stack: AsyncExitStack, listen: str, workers: list[_Worke
     return bound
 
 
+async def _run_all(
+    jobs: list[ShardJob], workers: list[_Worker], interruption: Interruption, deadline_s: float
+) -> None:
+    """Start a worker per job and follow them all to their end; whatever goes wrong here,
+    no worker outlives this (they are not daemons: they write their own reports)."""
+    # One thread per worker blocks in recv() for the whole run: a pool of their own, so
+    # the default pool stays free for /metrics.
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="fleetprobe-worker") as pipes:
+        try:
+            for job in jobs:
+                workers.append(_start(job))
+            log.info("%d worker processes started, one shard of the fleet each", len(jobs))
+            interruption.on_first = lambda: _forward(workers, interruption.signal_number)
+            forwarding = asyncio.ensure_future(_forward_again(workers, interruption))
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for worker in workers:
+                        group.create_task(_follow(worker, deadline_s, pipes))
+            finally:
+                forwarding.cancel()
+                interruption.on_first = None
+        finally:
+            for worker in workers:
+                if worker.process.is_alive():
+                    worker.process.kill()
+                    worker.process.join(5)
+                worker.results.close()
+
+
 def _start(job: ShardJob) -> _Worker:
     # spawn, not fork: a forked child would inherit this process's event loop and threads.
     context = multiprocessing.get_context("spawn")
@@ -180,13 +209,14 @@ def _start(job: ShardJob) -> _Worker:
     return _Worker(job, process, receiving)
 
 
-async def _follow(worker: _Worker, deadline_s: float) -> None:
+async def _follow(worker: _Worker, deadline_s: float, pipes: ThreadPoolExecutor) -> None:
     """Take a worker's messages until it ends (killing it past ``deadline_s``)."""
+    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(deadline_s):
             while True:
                 try:
-                    kind, payload = await asyncio.to_thread(worker.results.recv)
+                    kind, payload = await loop.run_in_executor(pipes, worker.results.recv)
                 except EOFError:
                     break
                 if kind == "listening":
@@ -196,7 +226,7 @@ async def _follow(worker: _Worker, deadline_s: float) -> None:
     except TimeoutError:
         log.error("%s did not end within %.0fs: killed", worker.name, deadline_s)
         worker.process.kill()
-    await asyncio.to_thread(worker.process.join)
+    await loop.run_in_executor(pipes, worker.process.join)
     worker.exit_code = worker.process.exitcode
     worker.ended.set()
     if worker.record is None:
@@ -206,7 +236,8 @@ async def _follow(worker: _Worker, deadline_s: float) -> None:
 def _forward(workers: list[_Worker], number: int | None) -> None:
     for worker in workers:
         if number is not None and worker.process.is_alive():
-            os.kill(worker.process.pid, number)
+            with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                os.kill(worker.process.pid, number)
 
 
 async def _forward_again(workers: list[_Worker], interruption: Interruption) -> None:
@@ -248,12 +279,14 @@ def _merge(
 
 def _merged_exit_code(workers: list[_Worker], interruption: Interruption) -> int:
     """Why the run cannot be judged normally, if a worker could not: the gravest reason."""
+    if interruption.signal_number is not None:
+        # A worker signalled before it could handle signals ends without results: that is
+        # the interruption's doing, not an unreachable target.
+        return 128 + interruption.signal_number
     codes = [w.record.exit_code if w.record is not None else ExitCode.UNREACHABLE for w in workers]
     for grave in (ExitCode.BAD_SCENARIO, ExitCode.UNREACHABLE):
         if grave in codes:
             return grave
-    if interruption.signal_number is not None:
-        return 128 + interruption.signal_number
     return max(codes)  # OK, or 128 + N when a worker alone was signalled
 
 
@@ -291,16 +324,32 @@ class _MergedScrape:
                 aiohttp.ClientSession(timeout=timeout) as session,
                 session.get(url) as response,
             ):
-                if response.status == 200:
-                    worker.last_exposition = await response.text()
+                text = await response.text()
+                # Its final exposition may have come meanwhile: that one stands.
+                if response.status == 200 and worker.record is None:
+                    worker.last_exposition = text
         except (aiohttp.ClientError, TimeoutError) as error:
             # Ending meanwhile: its last exposition stands until its final one arrives.
             log.debug("%s: /metrics not read: %s", worker.name, error)
 
 
+def _end_with_parent() -> None:
+    """Have Linux send this process SIGTERM when its parent dies (a SIGKILLed fleetprobe
+    must not leave its shards publishing); elsewhere, nothing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def _worker_main(job: ShardJob, results: Connection) -> None:
     """A worker process: run one shard and send back its record and final metrics."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the parent alone, which forwards it once
+    _end_with_parent()
     index, count = job.shard
     logging.basicConfig(
         level=logging.DEBUG if job.verbose else logging.INFO,

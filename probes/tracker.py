@@ -56,12 +56,16 @@ class Tracker:
         listener: TrackerListener,
         owns: Callable[[str], bool] | None = None,
         capacity: int = CAPACITY,
+        counts_anonymous: bool = True,
     ) -> None:
         """``owns(trace_id)`` says whether an id nobody follows is this tracker's to count
         as unmatched; under sharding, other shards' ids are not (default: all are).
-        ``capacity`` bounds the signals in flight (see :attr:`full`)."""
+        ``counts_anonymous``: whether messages without a readable id are this tracker's to
+        count (every shard sees them; one shard counts them). ``capacity`` bounds the
+        signals in flight (see :attr:`full`)."""
         self.chains = tuple(chains)
         self.capacity = capacity
+        self._counts_anonymous = counts_anonymous
         self._listener = listener
         self._owns = owns
         self._tables: list[dict[str, FollowedSignal]] = [{} for _ in self.chains]
@@ -191,7 +195,8 @@ class Tracker:
 
     def unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
         """A hop saw something it could not read a trace id from."""
-        self._listener.on_unmatched(chain_index, hop_index, reason)
+        if self._counts_anonymous:
+            self._listener.on_unmatched(chain_index, hop_index, reason)
 
     def expire(self, now_ns: int) -> None:
         """Time out every hop whose deadline has passed, and retire finished signals."""

@@ -207,6 +207,7 @@ class MqttPublisher:
     def _give_up(self, key: str, reason: str) -> None:
         self._given_up[key] = reason
         self._given_up_tallies[reason].add()
+        self.link.given_up()
 
     def given_up(self, vin: str) -> str | None:
         """Why the vehicle's session will not come back (None: it is up or reconnecting)."""

@@ -298,6 +298,14 @@ def test_an_id_of_another_shard_is_not_this_trackers_to_count() -> None:
     assert recorder.unmatched == [(0, 0, UNKNOWN_TRACE_ID)]
 
 
+def test_only_the_tracker_that_counts_anonymous_messages_counts_them() -> None:
+    """What carries no readable id is seen by every shard and counted by one of them."""
+    counting, quiet = Recorder(), Recorder()
+    Tracker((THREE_HOPS,), counting).unmatched(0, 1, "not_json")
+    Tracker((THREE_HOPS,), quiet, counts_anonymous=False).unmatched(0, 1, "not_json")
+    assert (counting.unmatched, quiet.unmatched) == ([(0, 1, "not_json")], [])
+
+
 def test_forget_gives_no_verdict_and_no_retirement() -> None:
     """A forgotten signal leaves the table, gets no verdict, is not retired; queues skip it."""
     tracker, rec = make()

@@ -26,7 +26,9 @@ from conftest import (
     scrape_until,
     write_scenario,
 )
+from simulator.fleet import shard_of
 from testbed.mosquitto import free_port
+from transport.mqtt import BrokerTarget, MqttSession
 
 
 def small_fleet(
@@ -80,13 +82,23 @@ async def test_three_shard_processes_equal_the_unsharded_run_signal_for_signal(
 
 
 async def test_workers_give_one_report_trace_log_and_junit_for_the_whole_fleet(
-    tmp_path: Path, broker_url: str, prefix: str
+    tmp_path: Path, broker: BrokerTarget, broker_url: str, prefix: str
 ) -> None:
     """`--workers 2`: the merged report, trace log and junit.xml equal the unsharded run's
-    counts, objectives judged once on all signals; the workers' shards are listed."""
+    counts, objectives judged once on all signals; the workers' shards are listed. A
+    message without a trace id, which both workers see, is counted once."""
     (tmp_path / "whole").mkdir()
     path = write_scenario(tmp_path / "s.yaml", small_fleet(broker_url, f"{prefix}m"))
     process = await fleetprobe("run", str(path), "--workers", "2", cwd=tmp_path)
+    async with MqttSession(broker) as platform:
+        await platform.subscribe([f"{prefix}m/vehicles/+/telemetry"])
+        senders: set[int] = set()
+        async with asyncio.timeout(30):
+            async for message in platform.messages():  # until both shards' fleets send:
+                senders.add(shard_of(message.topic.split("/")[2], 2))  # both follow by then
+                if len(senders) == 2:
+                    break
+        await platform.publish(f"{prefix}m/vehicles/X/telemetry", b"garbage", qos=1)
     whole_dir = tmp_path / "whole"
     whole = await run_scenario_dict(whole_dir, small_fleet(broker_url, f"{prefix}w", whole_dir))
     code, out, err = await finish(process, 60)
@@ -98,7 +110,7 @@ async def test_workers_give_one_report_trace_log_and_junit_for_the_whole_fleet(
     sent = report["signals"]["telemetry"]["sent"]
     assert sent == whole.report["signals"]["telemetry"]["sent"] == len(lines) == chain["ok"]
     assert trace_ids(lines) == trace_ids(read_traces(whole_dir))
-    assert chain["hops"]["broker"]["unmatched"] == {}
+    assert chain["hops"]["broker"]["unmatched"] == {"not_json": 1}
     assert [w["shard"] for w in report["workers"]] == ["shard 0/2", "shard 1/2"]
     assert all(w["exit_code"] == 0 and w["results"] for w in report["workers"])
     assert [o["metric"] for o in report["objectives"]] == ["success_ratio", "p99"]

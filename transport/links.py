@@ -60,17 +60,13 @@ class LinkStats:
     expected: int = 0  # sessions that should be up
     connected: int = 0
     reconnects: int = 0
+    gave_up: int = 0  # sessions not reconnected (duplicate client id, refused credentials)
     outages: list[Outage] = field(default_factory=list)
 
     def up(self) -> None:
         """A session connected (at the start, or again after a loss)."""
         self.connected += 1
-        if (
-            self.connected >= self.expected
-            and self.outages
-            and self.outages[-1].ended_wall_ns is None
-        ):
-            self.outages[-1].ended_wall_ns = time.time_ns()
+        self._end_outage_when_whole()
 
     def reconnected(self) -> None:
         """A lost session connected again."""
@@ -84,11 +80,24 @@ class LinkStats:
             self.outages.append(Outage(time.time_ns()))
         self.outages[-1].sessions_lost += 1
 
+    def given_up(self) -> None:
+        """A lost session will not be reconnected: it is no longer expected to be up, so
+        the outage it was part of can end and later ones are told apart."""
+        self.expected -= 1
+        self.gave_up += 1
+        self._end_outage_when_whole()
+
+    def _end_outage_when_whole(self) -> None:
+        outages = self.outages
+        if self.connected >= self.expected and outages and outages[-1].ended_wall_ns is None:
+            outages[-1].ended_wall_ns = time.time_ns()
+
     def as_report(self, iso: Any) -> dict[str, Any]:
         """What report.json keeps of this role."""
         return {
-            "sessions": self.expected,
+            "sessions": self.expected + self.gave_up,
             "reconnects": self.reconnects,
+            "given_up": self.gave_up,
             "outages": [o.as_dict(iso) for o in self.outages],
         }
 
@@ -99,9 +108,11 @@ def merge_link_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for report in reports:
         for role, part in report.items():
-            mine = merged.setdefault(role, {"sessions": 0, "reconnects": 0, "outages": []})
-            mine["sessions"] += part["sessions"]
-            mine["reconnects"] += part["reconnects"]
+            mine = merged.setdefault(
+                role, {"sessions": 0, "reconnects": 0, "given_up": 0, "outages": []}
+            )
+            for count in ("sessions", "reconnects", "given_up"):
+                mine[count] += part[count]
             mine["outages"].extend(part["outages"])
     for part in merged.values():
         part["outages"].sort(key=lambda outage: outage["from"])

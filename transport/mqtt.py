@@ -408,6 +408,9 @@ class MqttSession:
             raise ConnectError(t.url, f"TLS failed: {exc}", reason="tls") from None
         except socket.gaierror as exc:
             raise ConnectError(t.url, f"name not resolved ({exc})", reason="dns") from None
+        except asyncio.CancelledError:
+            self._drop_connection()  # cancelled while waiting for CONNACK: no socket left open
+            raise
         except OSError as exc:
             self._drop_connection()
             detail = _os_error_text(exc)
