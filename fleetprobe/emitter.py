@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from typing import Any
 
 from exporters.metrics import ProbeMetrics
 from exporters.results import ResultBook
@@ -19,6 +20,7 @@ MAX_WAITING = 100_000
 """Signals that may wait for their vehicle's session to reconnect; past it they fail."""
 TRACKER_FULL = "tracker_full"
 BACKLOG_FULL = "backlog_full"
+INTERRUPTED = "interrupted"
 
 
 class Emitter:
@@ -127,6 +129,9 @@ class Emitter:
             # Still not connected: the platform could not take the signal.
             self._not_sent(emission, self._publisher.given_up(emission.vin) or "disconnected")
             return
+        except asyncio.CancelledError:
+            self._not_sent(emission, INTERRUPTED)  # the run was stopped while it waited
+            return
         finally:
             self._waiting -= 1
         await self.emit(emission, intended_ns, held=True)
@@ -170,10 +175,20 @@ class Emitter:
             )
         return followed
 
-    async def flush(self) -> None:
-        """Wait until every QoS 1/2 send has been acknowledged or has failed."""
+    async def flush(self, stop: asyncio.Future[None] | None = None) -> None:
+        """Wait until every QoS 1/2 send has been acknowledged or has failed; when ``stop``
+        is done first, give up the rest (counted as send errors ``interrupted``)."""
         while self._pending:  # a reconnected vehicle's send may start another wait
-            await asyncio.gather(*self._pending, return_exceptions=True)
+            waiting: asyncio.Future[Any] = asyncio.gather(*self._pending, return_exceptions=True)
+            if stop is None:
+                await waiting
+                continue
+            await asyncio.wait([waiting, stop], return_when=asyncio.FIRST_COMPLETED)
+            if stop.done():
+                for task in list(self._pending):
+                    task.cancel()
+                await waiting
+                return
 
     def _acked(self, task: asyncio.Task[None]) -> None:
         self._pending.discard(task)
@@ -183,17 +198,34 @@ class Emitter:
     async def _send(
         self, outgoing: Outgoing, lag_ns: int | None, followed: list[int], copies: int
     ) -> None:
-        signal = outgoing.emission.signal
+        lag_s = None if lag_ns is None else max(0.0, lag_ns / 1e9)
         try:
             for _ in range(copies):
                 await self._publisher.send(outgoing)
         except SendError as error:
-            for index in followed:
-                if self._tracker.forget(index, outgoing.emission.trace_id):
-                    self._book.unsent(index)
-            self._metrics.send_error(signal, error.reason)
-            self._book.send_error(signal, error.reason)
+            self._send_failed(outgoing, lag_s, followed, error.reason)
             return
-        lag_s = None if lag_ns is None else max(0.0, lag_ns / 1e9)
+        except asyncio.CancelledError:
+            self._send_failed(outgoing, lag_s, followed, INTERRUPTED)  # stopped while acked
+            return
+        self._sent(outgoing, lag_s)
+
+    def _sent(self, outgoing: Outgoing, lag_s: float | None) -> None:
+        signal = outgoing.emission.signal
         self._metrics.signal_sent(signal, lag_s)
         self._book.signal_sent(signal, lag_s)
+
+    def _send_failed(
+        self, outgoing: Outgoing, lag_s: float | None, followed: list[int], reason: str
+    ) -> None:
+        """The publish failed: the signal is unsent, unless a hop saw it anyway (then it
+        was sent after all and keeps its verdict: one verdict per signal sent)."""
+        trace_id = outgoing.emission.trace_id
+        forgotten = [i for i in followed if self._tracker.forget(i, trace_id)]
+        if len(forgotten) < len(followed):
+            self._sent(outgoing, lag_s)
+            return
+        for index in forgotten:
+            self._book.unsent(index)
+        self._metrics.send_error(outgoing.emission.signal, reason)
+        self._book.send_error(outgoing.emission.signal, reason)

@@ -327,7 +327,14 @@ class _Run:
                 await clock.run(self.duration_s, emitter.emit)
             finally:
                 gc.unfreeze()
-            await emitter.flush()  # every QoS 1/2 send is acknowledged or counted as failed
+            if emitter.queues["qos_acks"].depth:
+                log.info(
+                    "emission ended; %d QoS 1/2 sends await their acknowledgement",
+                    emitter.queues["qos_acks"].depth,
+                )
+            # Every QoS 1/2 send is acknowledged or counted as failed (a second signal
+            # gives up on the acks still awaited).
+            await emitter.flush(self.interruption.again)
             emitting = False
             self.live.phase = "draining"
             log.info(

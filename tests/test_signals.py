@@ -19,9 +19,11 @@ SLOW_HOP = {"name": "never", "mqtt": {"topic": "nobody/publishes/here"}, "within
 async def line_containing(process: asyncio.subprocess.Process, text: str) -> None:
     """Read the process's stderr until a line holds ``text``."""
     assert process.stderr is not None
+    seen = []
     async with asyncio.timeout(30):
-        while text not in (await process.stderr.readline()).decode():
-            pass
+        while text not in (line := (await process.stderr.readline()).decode()):
+            assert line, f"{text!r} never came; stderr: {''.join(seen)}"  # ended
+            seen.append(line)
 
 
 def report_of(folder: Path) -> dict:
@@ -98,3 +100,46 @@ async def test_a_signal_during_the_drain_shortens_it(
         > 0
     )
     assert chain["hops"]["never"]["results"]["timeout"] == 0
+
+
+async def test_a_second_signal_gives_up_on_acknowledgements_that_do_not_come(
+    tmp_path: Path, broker_url: str, prefix: str
+) -> None:
+    """QoS 1 through a proxy that swallows everything the broker says back: no PUBACK ever
+    comes. Two SIGINTs while the run waits for them end it at once; the sends still
+    waiting are send errors ``interrupted``, and every signal sent has one verdict."""
+    host_port = broker_url.removeprefix("mqtt://")
+    scenario = scenario_dict(broker_url, prefix, duration="1s")
+    scenario["signals"]["telemetry"]["qos"] = 1
+    scenario["target"]["mqtt"]["via"] = "fleet-broker"
+    scenario["faults"] = {
+        "proxies": [{"name": "fleet-broker", "upstream": host_port}],
+        "timeline": [
+            {
+                "name": "no-acks",
+                "kind": "timeout",
+                "target": "fleet-broker",
+                "stream": "downstream",
+                "at": "0s",
+                "for": "1s",  # faults end with the emission; the proxy stays silent
+                "timeout": 0,
+            }
+        ],
+    }
+    scenario["exporters"] = {"json": "out/report.json", "traces": "out/traces.jsonl"}
+    path = write_scenario(tmp_path / "s.yaml", scenario)
+    process = await fleetprobe("run", str(path), cwd=tmp_path)
+    await line_containing(process, "QoS 1/2 sends await their acknowledgement")
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    await line_containing(process, "SIGINT: stopping emission")
+    process.send_signal(signal.SIGINT)
+    code, _, err = await finish(process, 30)
+    assert code == 130, err
+    assert time.monotonic() - signalled < 5  # not the publish timeout of every send
+    report = report_of(tmp_path)
+    errors = report["signals"]["telemetry"]["send_errors_by_reason"]
+    assert errors.get("interrupted", 0) > 0
+    chain = report["chains"]["telemetry"]
+    lines = (tmp_path / "out" / "traces.jsonl").read_text().splitlines()
+    assert chain["followed"] == len(lines) == report["signals"]["telemetry"]["sent"]
