@@ -159,3 +159,45 @@ async def test_a_100_mb_answer_to_a_poll_is_read_no_further_than_its_bound(
     assert api["results"]["timeout"] == result.report["signals"]["telemetry"]["sent"] > 0
     assert streamed and max(streamed) < 100 << 20  # nobody read the whole answer
     assert_every_signal_accounted(scenario, result.report, tmp_path / "traces.jsonl")
+
+
+async def test_a_poll_follows_no_redirect_and_a_url_template_keeps_its_host(
+    tmp_path: Path, broker_url: str, prefix: str
+) -> None:
+    """A state API that redirects to another host: the poll does not go there (poll error
+    http_3xx, the other host never asked). A placeholder in the host is refused at load."""
+    elsewhere: list[str] = []
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound(f"http://127.0.0.1:{other_port}/stolen")
+
+    async def stolen(request: web.Request) -> web.StreamResponse:
+        elsewhere.append(request.path)
+        return web.json_response({})
+
+    first, other = web.Application(), web.Application()
+    first.router.add_get("/vehicles/{vin}", redirect)
+    other.router.add_get("/stolen", stolen)
+    runner, port = await serve(first, "127.0.0.1", 0)
+    other_runner, other_port = await serve(other, "127.0.0.1", 0)
+    try:
+        scenario = scenario_dict(broker_url, prefix, duration="1s")
+        scenario["fleet"]["vehicles"] = 2
+        poll = {"url": f"http://127.0.0.1:{port}/vehicles/{{vin}}", "every": "100ms"}
+        scenario["chains"][0]["hops"].append({"name": "api", "within": "1s", "http_poll": poll})
+        loaded = load_scenario(write_scenario(tmp_path / "s.yaml", scenario))
+        async with asyncio.timeout(60):
+            result = await run_scenario(loaded, RunOptions(handle_signals=False))
+    finally:
+        await runner.cleanup()
+        await other_runner.cleanup()
+    assert result.report["chains"]["telemetry"]["hops"]["api"]["poll_errors"]["http_3xx"] > 0
+    assert elsewhere == []
+
+    poll["url"] = "http://{vin}.example/state"
+    try:
+        parse_scenario(yaml.safe_dump(scenario), "host.yaml", environ={})
+    except ScenarioError as error:
+        assert "placeholders may stand in the path and query only, not the host" in str(error)
+    else:
+        raise AssertionError("loaded")
