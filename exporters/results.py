@@ -74,6 +74,7 @@ class ResultBook:
         self.signals = {name: SignalBook() for name in signals}
         self.chains = [ChainBook(c, hops=[HopBook() for _ in c.hops]) for c in chains]
         self.emission_lag = Samples()
+        self._recent_lags: list[float] = []  # since the last recent_lags(): one window
 
     def merge(self, other: ResultBook) -> None:
         """Add every count and latency of ``other``, a book of the same scenario kept by
@@ -92,6 +93,12 @@ class ResultBook:
         self.signals[signal].sent += 1
         if lag_s is not None:
             self.emission_lag.add(lag_s)
+            self._recent_lags.append(lag_s)
+
+    def recent_lags(self) -> list[float]:
+        """The emission lags recorded since the last call (the saturation watch's window)."""
+        lags, self._recent_lags = self._recent_lags, []
+        return lags
 
     def send_error(self, signal: str, reason: str) -> None:
         """A signal could not be sent."""

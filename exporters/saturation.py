@@ -65,7 +65,6 @@ class SaturationWatch:
     ) -> None:
         self._book = book
         self._queues = queues
-        self._seen_lags = 0
         self._overflowed: dict[str, int] = {}
         self._saturated_since_s: float | None = None
         self._clean_windows = 0
@@ -110,8 +109,7 @@ class SaturationWatch:
                 self._last_warning_s = -math.inf
 
     def _lag_problem(self, window_s: float) -> list[str]:
-        lags = self._book.emission_lag.since(self._seen_lags)
-        self._seen_lags += len(lags)
+        lags = self._book.recent_lags()
         late = sum(1 for lag in lags if lag > LAG_LIMIT_S)
         if not lags or late * 100 <= len(lags):  # p99 within the limit
             return []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pickle
+import random
 
 from exporters.results import ResultBook
+from exporters.stats import Samples
 from probes.chains import ChainSpec, FollowedSignal, HopResult, HopSpec, Verdict
 
 CHAIN = ChainSpec("c", "telemetry", (HopSpec("broker", 1.0), HopSpec("api", 2.0)))
@@ -63,3 +65,39 @@ def test_merged_shard_books_equal_the_book_of_all_their_signals() -> None:
     assert merged.signals["telemetry"].sent == 5
     assert merged.signals["telemetry"].send_errors == {"not_connected": 2}
     assert merged.emission_lag.summary() == whole.emission_lag.summary()
+
+
+def test_a_long_run_keeps_a_bounded_uniform_sample_with_exact_count_and_max() -> None:
+    """Past its limit a Samples keeps that many values, chosen uniformly: quantiles stay
+    close, count and max exact; merged bounded samples are bounded and uniform too."""
+    rng = random.Random(1)
+    values = [rng.random() for _ in range(100_000)]
+    samples = Samples(limit=5_000)
+    for value in values:
+        samples.add(value)
+    assert len(samples) == 100_000 and not samples.exact
+    assert samples.summary()["max"] == round(max(values), 6)
+    for q in (0.5, 0.9, 0.99):
+        estimate = samples.quantile(q)
+        assert estimate is not None and abs(estimate - q) < 0.02  # uniform values: p = q
+
+    low, high = Samples(limit=5_000), Samples(limit=5_000)
+    for value in values[:20_000]:
+        low.add(value / 2)  # 20,000 values in [0, 0.5)
+    for value in values[20_000:]:
+        high.add(0.5 + value / 2)  # 80,000 in [0.5, 1)
+    low.extend(high)
+    assert len(low) == 100_000 and len(low._values) <= 5_000
+    p20 = low.quantile(0.2)
+    assert p20 is not None and abs(p20 - 0.5) < 0.02  # a fifth of all values lie below 0.5
+
+
+def test_short_samples_stay_exact() -> None:
+    samples = Samples(limit=10)
+    for value in (3.0, 1.0, 2.0):
+        samples.add(value)
+    other = Samples(limit=10)
+    other.add(4.0)
+    samples.extend(other)
+    assert samples.exact and len(samples) == 4
+    assert samples.quantile(0.5) == 2.0 and samples.summary()["max"] == 4.0

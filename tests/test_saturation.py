@@ -28,14 +28,14 @@ def test_a_window_with_lag_p99_over_10ms_is_saturated_and_named(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """2 late signals of 100 put p99 over the limit; 1 of 100 does not."""
-    book = ResultBook([], [])
+    book = ResultBook(["t"], [])
     watch, registry = watch_over(book, {})
     for lag in [0.001] * 99 + [0.020]:
-        book.emission_lag.add(lag)
+        book.signal_sent("t", lag)
     watch.check(1.0, 1.0)
     assert registry.get_sample_value("fleetprobe_prober_saturated", {"scenario": "s"}) == 0
     for lag in [0.001] * 98 + [0.020, 0.030]:
-        book.emission_lag.add(lag)
+        book.signal_sent("t", lag)
     with caplog.at_level(logging.WARNING, logger="fleetprobe"):
         watch.check(2.0, 1.0)
     assert registry.get_sample_value("fleetprobe_prober_saturated", {"scenario": "s"}) == 1
