@@ -39,6 +39,7 @@ from fleetprobe.interruption import INTERRUPT_DRAIN_S, Interruption, linger_for_
 from fleetprobe.outcomes import SignalLedger, judge
 from fleetprobe.plan import make_plan
 from fleetprobe.scenario import LoadedScenario
+from fleetprobe.scenario.models import Scenario
 from probes.chains import FollowedSignal
 from probes.observers import Observer, ObserverContext, ObserverSetupError, hop_kinds
 from probes.tracker import CAPACITY as TRACKER_CAPACITY
@@ -71,6 +72,11 @@ class RunOptions:
     registry: CollectorRegistry | None = None  # where the metrics live (default: a new one)
     on_listening: Callable[[int], None] | None = None  # told the /metrics port once served
     tracker_capacity: int = TRACKER_CAPACITY  # signals in flight at most
+
+    def metrics_address(self, scenario: Scenario) -> str | None:
+        """Where /metrics is served: this option, else the scenario's, else nowhere."""
+        prometheus = scenario.exporters.prometheus
+        return self.metrics_listen or (prometheus.listen if prometheus else None)
 
 
 async def run_scenario(loaded: LoadedScenario, options: RunOptions | None = None) -> RunResult:
@@ -223,10 +229,7 @@ class _Run:
     # The parts, in the order they start.
 
     async def _serve_metrics(self, stack: AsyncExitStack) -> None:
-        exporters = self.scenario.exporters
-        listen = self.options.metrics_listen or (
-            exporters.prometheus.listen if exporters.prometheus else None
-        )
+        listen = self.options.metrics_address(self.scenario)
         if not listen:
             return
         host, port = split_listen(listen)

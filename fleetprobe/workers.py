@@ -116,7 +116,7 @@ async def run_workers(
     duration_s = scenario.duration if options.duration_s is None else options.duration_s
     deadline_s = 2 * STARTUP_TIMEOUT_S + duration_s + plan.drain_s + GRACE_S
     prometheus = scenario.exporters.prometheus
-    listen = options.metrics_listen or (prometheus.listen if prometheus else None)
+    listen = options.metrics_address(scenario)
     started_at, started_ns = iso_utc(time.time_ns()), time.monotonic_ns()
     result = RunResult(ExitCode.OK, {})
     interruption = Interruption()
