@@ -34,20 +34,16 @@ log = logging.getLogger("fleetprobe")
 Queues = Callable[[], Mapping[str, QueueState]]
 """Every bounded queue of the run, by name."""
 
-PROBER_QUEUES = frozenset({"mqtt_observer", "tracker", "qos_acks"})
-"""The queues whose overflow means the prober itself is the limit. Other queues overflow
-for other reasons (``reconnect_wait``: the broker is away; ``alerts``: the receivers are
-slow); their overflows are counted all the same."""
-
-CONSEQUENCES = {
+PROBER_QUEUES = {
     "mqtt_observer": "received messages dropped: timeouts at its hops include the prober's "
     "own loss",
     "tracker": "signals not sent (send errors tracker_full): more were in flight than the "
     "prober follows at once",
-    "reconnect_wait": "signals not sent (send errors backlog_full) while their vehicles "
-    "reconnected",
-    "alerts": "alert notifications dropped",
+    "qos_acks": "the fleet waited for room to send (it shows as emission lag)",
 }
+"""The queues whose overflow means the prober itself is the limit, and what an overflow
+cost. Other queues overflow for other reasons (``reconnect_wait``: the broker is away;
+``alerts``: the receivers are slow); their overflows are counted all the same."""
 
 
 class SaturationWatch:
@@ -134,7 +130,7 @@ class SaturationWatch:
                 self.limits_hit.add(f"{name}_queue")
                 problems.append(
                     f"the {name} queue (capacity {state.capacity:,}) overflowed {new:,} times "
-                    f"in the last {window_s:g}s: {CONSEQUENCES.get(name, 'turned away')}"
+                    f"in the last {window_s:g}s: {PROBER_QUEUES[name]}"
                 )
         return problems
 
@@ -156,8 +152,7 @@ class SaturationWatch:
 def summary_lines(report: Mapping[str, Any]) -> list[str]:
     """The end-of-run warnings of a ``prober`` report: one per queue that overflowed."""
     return [
-        f"  WARNING: the {name} queue overflowed {count:,} times: "
-        f"{CONSEQUENCES.get(name, 'turned away')}"
+        f"  WARNING: the {name} queue overflowed {count:,} times: {PROBER_QUEUES[name]}"
         for name, count in sorted(report["queue_overflowed"].items())
     ]
 
