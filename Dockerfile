@@ -8,6 +8,7 @@ RUN useradd --create-home --uid 10001 fleetprobe
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY fleetprobe ./fleetprobe
+COPY core ./core
 COPY simulator ./simulator
 COPY probes ./probes
 COPY exporters ./exporters

@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from faults.proxy import ProxySet
-from testbed.mosquitto import MosquittoProcess, mosquitto_path
-from transport.mqtt import BrokerTarget, MqttSession
-from transport.servers import split_listen
+from fleetprobe.faults.proxy import ProxySet
+from fleetprobe.testbed.mosquitto import MosquittoProcess, mosquitto_path
+from fleetprobe.transport.mqtt import BrokerTarget, MqttSession
+from fleetprobe.transport.servers import split_listen
 
 ROUND_TRIPS = 5_000
 BULK_BYTES = 200 * 1024 * 1024

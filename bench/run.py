@@ -49,9 +49,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from exporters.saturation import LAG_LIMIT_S  # noqa: E402
-from testbed.mosquitto import MosquittoProcess  # noqa: E402
-from transport.mqtt import BrokerTarget, MqttSession  # noqa: E402
+from fleetprobe.exporters.saturation import LAG_LIMIT_S  # noqa: E402
+from fleetprobe.testbed.mosquitto import MosquittoProcess  # noqa: E402
+from fleetprobe.transport.mqtt import BrokerTarget, MqttSession  # noqa: E402
 
 PAYLOAD = json.dumps(
     {
@@ -330,7 +330,7 @@ async def run_fleetprobe(spec: dict[str, Any], workdir: Path, *options: str) -> 
 
 _PEAK_RSS_RUN = """
 import resource, sys
-from fleetprobe.cli import main
+from fleetprobe.app.cli import main
 try:
     code = main(sys.argv[1:])
 finally:
@@ -517,8 +517,8 @@ async def bench_lag(
 
 _INFLIGHT_PROBE = """
 import gc, os, sys
-from probes.chains import ChainSpec, HopSpec
-from probes.tracker import Tracker
+from fleetprobe.probes.chains import ChainSpec, HopSpec
+from fleetprobe.probes.tracker import Tracker
 class Quiet:
     def __getattr__(self, name): return lambda *a: None
 count = int(sys.argv[1])
@@ -558,8 +558,8 @@ def bench_scrape() -> dict[str, Any]:
     """Render /metrics with every label set of 10 chains of 4 hops (results counted)."""
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from exporters.metrics import ProbeMetrics
-    from probes.chains import ChainSpec, HopSpec
+    from fleetprobe.exporters.metrics import ProbeMetrics
+    from fleetprobe.probes.chains import ChainSpec, HopSpec
 
     chains = [
         ChainSpec(f"chain-{c}", f"signal-{c}", tuple(HopSpec(f"hop-{h}", 2.0) for h in range(4)))
@@ -635,12 +635,12 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=lambda *a: None)
 async def bench_http_observers(settings: Settings) -> dict[str, Any]:
     """The webhook receiver and the http_poll observer, each in this process with a real
     tracker, fed by a load process of its own: marks (verdicts) per second."""
-    from probes.chains import ChainSpec, HopSpec
-    from probes.observers.base import ObserverContext, WatchedHop
-    from probes.observers.http_poll import HttpPollHop, HttpPollObserver
-    from probes.observers.webhook import WebhookHop, WebhookObserver
-    from probes.tracker import Tracker
-    from testbed.mosquitto import free_port
+    from fleetprobe.probes.chains import ChainSpec, HopSpec
+    from fleetprobe.probes.observers.base import ObserverContext, WatchedHop
+    from fleetprobe.probes.observers.http_poll import HttpPollHop, HttpPollObserver
+    from fleetprobe.probes.observers.webhook import WebhookHop, WebhookObserver
+    from fleetprobe.probes.tracker import Tracker
+    from fleetprobe.testbed.mosquitto import free_port
 
     count = settings.http_marks
     results: dict[str, Any] = {}
@@ -716,8 +716,8 @@ async def _wait_for_port(port: int) -> None:
 
 _SESSIONS_PROBE = """
 import asyncio, os, sys, time
-from simulator.publisher import MqttPublisher
-from transport.mqtt import BrokerTarget
+from fleetprobe.simulator.publisher import MqttPublisher
+from fleetprobe.transport.mqtt import BrokerTarget
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,11 +1,11 @@
 """Where results go: Prometheus metrics and /metrics, report.json, traces.jsonl, the summary."""
 
-from exporters.metrics import ProbeMetrics
-from exporters.report import build_report, write_json
-from exporters.results import ResultBook
-from exporters.server import make_metrics_app
-from exporters.summary import render_summary
-from exporters.traces import TraceLog, trace_line
+from fleetprobe.exporters.metrics import ProbeMetrics
+from fleetprobe.exporters.report import build_report, write_json
+from fleetprobe.exporters.results import ResultBook
+from fleetprobe.exporters.server import make_metrics_app
+from fleetprobe.exporters.summary import render_summary
+from fleetprobe.exporters.traces import TraceLog, trace_line
 
 __all__ = [
     "ProbeMetrics",

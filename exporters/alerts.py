@@ -21,10 +21,10 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter
 
-from exporters.health import HealthChange
-from simulator.publisher import iso_utc
-from transport.http import HttpClient, HttpError
-from transport.queues import QueueState
+from fleetprobe.core.queues import QueueState
+from fleetprobe.core.times import iso_utc
+from fleetprobe.exporters.health import HealthChange
+from fleetprobe.transport.http import HttpClient, HttpError
 
 log = logging.getLogger("fleetprobe.alerts")
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from probes.chains import SKIPPED, ChainSpec, FollowedSignal, HopResult, Verdict
-from simulator.publisher import iso_utc
+from fleetprobe.core.times import iso_utc
+from fleetprobe.probes.chains import SKIPPED, ChainSpec, FollowedSignal, HopResult, Verdict
 
 log = logging.getLogger("fleetprobe.health")
 

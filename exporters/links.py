@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from transport.links import LinkStats
+from fleetprobe.transport.links import LinkStats
 
 
 class LinkCollector:

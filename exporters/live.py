@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
-from exporters.health import HealthMonitor
-from exporters.results import ResultBook
-from exporters.stats import format_ms
+from fleetprobe.exporters.health import HealthMonitor
+from fleetprobe.exporters.results import ResultBook
+from fleetprobe.exporters.stats import format_ms
 
 log = logging.getLogger("fleetprobe")
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from probes.chains import SKIPPED, ChainSpec, FollowedSignal, HopResult, Verdict
+from fleetprobe.probes.chains import SKIPPED, ChainSpec, FollowedSignal, HopResult, Verdict
 
 # From 1 ms to 60 s: the span between a broker hop on loopback and a slow webhook.
 LATENCY_BUCKETS = (

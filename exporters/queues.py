@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from transport.queues import QueueState
+from fleetprobe.core.queues import QueueState
 
 
 class QueueCollector:

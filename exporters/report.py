@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from exporters.results import ResultBook
-from probes.chains import SKIPPED, HopResult
+from fleetprobe.exporters.results import ResultBook
+from fleetprobe.probes.chains import SKIPPED, HopResult
 
 
 def build_report(

@@ -6,8 +6,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from exporters.stats import Samples
-from probes.chains import ChainSpec, FollowedSignal, HopResult, Verdict
+from fleetprobe.exporters.stats import Samples
+from fleetprobe.probes.chains import ChainSpec, FollowedSignal, HopResult, Verdict
 
 
 @dataclass

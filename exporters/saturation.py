@@ -17,9 +17,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from exporters.results import ResultBook
-from exporters.stats import format_ms
-from transport.queues import QueueState
+from fleetprobe.core.queues import QueueState
+from fleetprobe.exporters.results import ResultBook
+from fleetprobe.exporters.stats import format_ms
 
 LAG_LIMIT_S = 0.010
 """Emission lag p99 above which the prober no longer keeps the fleet's schedule."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from exporters.results import ResultBook
-from exporters.saturation import LAG_LIMIT_S
-from exporters.stats import Samples, format_ms
+from fleetprobe.exporters.results import ResultBook
+from fleetprobe.exporters.saturation import LAG_LIMIT_S
+from fleetprobe.exporters.stats import Samples, format_ms
 
 
 def render_summary(book: ResultBook, scenario: str) -> str:

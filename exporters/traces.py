@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from probes.chains import ChainSpec, FollowedSignal
-from simulator.publisher import iso_utc
+from fleetprobe.core.times import iso_utc
+from fleetprobe.probes.chains import ChainSpec, FollowedSignal
 
 
 def trace_line(followed: FollowedSignal, chain: ChainSpec) -> dict[str, Any]:

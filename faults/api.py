@@ -17,9 +17,9 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from faults.proxy import ProxyError, ProxySet
-from faults.toxics import ToxicSpec
-from transport.servers import serve, split_listen
+from fleetprobe.faults.proxy import ProxyError, ProxySet
+from fleetprobe.faults.toxics import ToxicSpec
+from fleetprobe.transport.servers import serve, split_listen
 
 log = logging.getLogger("fleetprobe.faults")
 

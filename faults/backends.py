@@ -12,10 +12,10 @@ import logging
 from abc import ABC, abstractmethod
 from typing import Any
 
-from faults.proxy import ProxySet
-from faults.toxics import ToxicSpec
-from transport.errors import FleetprobeError
-from transport.http import HttpClient, HttpError
+from fleetprobe.core.errors import FleetprobeError
+from fleetprobe.faults.proxy import ProxySet
+from fleetprobe.faults.toxics import ToxicSpec
+from fleetprobe.transport.http import HttpClient, HttpError
 
 log = logging.getLogger("fleetprobe.faults")
 

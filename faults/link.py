@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from random import Random
 from typing import TYPE_CHECKING
 
-from faults.mqtt_frames import MqttFramer, Packet, Session
-from transport.mqtt_codec import PacketType
+from fleetprobe.faults.mqtt_frames import MqttFramer, Packet, Session
+from fleetprobe.transport.mqtt_codec import PacketType
 
 if TYPE_CHECKING:
-    from faults.toxics import Toxic
+    from fleetprobe.faults.toxics import Toxic
 
 log = logging.getLogger("fleetprobe.faults")
 

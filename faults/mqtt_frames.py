@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from transport.mqtt_codec import MQTT_5
+from fleetprobe.transport.mqtt_codec import MQTT_5
 
 _TOPIC_ALIAS = 0x23
 _MAX_PACKET_BYTES = 16 * 1024 * 1024

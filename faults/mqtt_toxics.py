@@ -12,17 +12,17 @@ import asyncio
 
 from pydantic import Field, field_validator
 
-from faults.link import Forward, Link, Segment
-from faults.mqtt_frames import (
+from fleetprobe.faults.link import Forward, Link, Segment
+from fleetprobe.faults.mqtt_frames import (
     MalformedError,
     Packet,
     PublishView,
     inspect_publish,
     with_dup_flag,
 )
-from faults.toxics import Attributes, Toxic, ToxicSpec
-from transport.mqtt_codec import PacketType
-from transport.topics import check_topic_filter, topic_matches
+from fleetprobe.faults.toxics import Attributes, Toxic, ToxicSpec
+from fleetprobe.transport.mqtt_codec import PacketType
+from fleetprobe.transport.topics import check_topic_filter, topic_matches
 
 _ACKS = frozenset((PacketType.PUBACK, PacketType.PUBREC, PacketType.PUBCOMP))
 

@@ -8,9 +8,10 @@ import os
 from random import Random
 from typing import Any
 
-from faults.link import Connection
-from faults.toxics import Toxic, ToxicSpec
-from transport.servers import split_listen
+from fleetprobe.core.errors import FleetprobeError
+from fleetprobe.faults.link import Connection
+from fleetprobe.faults.toxics import Toxic, ToxicSpec
+from fleetprobe.transport.servers import split_listen
 
 log = logging.getLogger("fleetprobe.faults")
 
@@ -19,7 +20,7 @@ DEFAULT_LISTEN = "127.0.0.1:0"
 """Where a proxy listens when not told: loopback, any free port."""
 
 
-class ProxyError(Exception):
+class ProxyError(FleetprobeError):
     """A request the proxy set refuses; ``status`` is the HTTP status the API answers."""
 
     def __init__(self, message: str, status: int) -> None:

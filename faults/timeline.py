@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from transport.errors import FleetprobeError
+from fleetprobe.core.errors import FleetprobeError
 
 log = logging.getLogger("fleetprobe.faults")
 

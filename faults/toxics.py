@@ -20,8 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from faults.link import Forward, Link, Segment
-from faults.mqtt_frames import Packet
+from fleetprobe.faults.link import Forward, Link, Segment
+from fleetprobe.faults.mqtt_frames import Packet
 
 
 class Attributes(BaseModel):

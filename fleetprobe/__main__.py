@@ -2,6 +2,6 @@
 
 import sys
 
-from fleetprobe.cli import main
+from fleetprobe.app.cli import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """Following signals: the tracker, trace-id extraction and the observers of each hop kind."""
 
-from probes.chains import (
+from fleetprobe.probes.chains import (
     ChainSpec,
     Expectation,
     FollowedSignal,
@@ -8,7 +8,7 @@ from probes.chains import (
     HopSpec,
     Verdict,
 )
-from probes.tracker import Tracker, TrackerListener
+from fleetprobe.probes.tracker import Tracker, TrackerListener
 
 __all__ = [
     "ChainSpec",

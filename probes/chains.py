@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from probes.config import JsonPath, compile_path
-from probes.trace_ids import MISSING, lookup
-from simulator.templates import TextTemplate
+from fleetprobe.probes.json_paths import JsonPath, compile_path
+from fleetprobe.probes.trace_ids import MISSING, lookup
+from fleetprobe.simulator.templates import TextTemplate
 
 
 class HopResult(StrEnum):

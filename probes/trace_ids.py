@@ -8,11 +8,11 @@ Correlation Data their hex form. Anything else is a trace id of the wrong shape.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from typing import Any, Final
 
-from probes.config import JsonPath, compile_path
+from fleetprobe.core.trace_ids import normalize_trace_id
+from fleetprobe.probes.json_paths import JsonPath, compile_path
 
 MISSING: Final = object()
 """What :func:`lookup` returns when the path does not exist in the body."""
@@ -26,9 +26,6 @@ RETAINED = "retained"
 LATE = "late"
 TOO_LARGE = "too_large"  # a message over transport.mqtt.MAX_MESSAGE_BYTES, not kept
 
-_INVALID_TRACE_ID = "0" * 32
-_TRACE_ID = re.compile(r"[0-9a-f]{32}")
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def lookup(body: Any, steps: JsonPath) -> Any:
@@ -42,22 +39,6 @@ def lookup(body: Any, steps: JsonPath) -> Any:
             return MISSING
         node = node[step]
     return node
-
-
-def normalize_trace_id(value: Any) -> str | None:
-    """The 32-hex trace id in ``value``, or None when it has the wrong shape."""
-    if isinstance(value, bytes | bytearray):
-        found = value.hex() if len(value) == 16 else None
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        if len(text) == 32 and _TRACE_ID.fullmatch(text):
-            found = text
-        else:
-            match = _TRACEPARENT.fullmatch(text)
-            found = match.group(1) if match else None
-    else:
-        found = None
-    return None if found == _INVALID_TRACE_ID else found  # all zeros is invalid (W3C)
 
 
 def parse_json(payload: bytes) -> Any:

@@ -18,8 +18,8 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from probes.chains import FAILURES, ChainSpec, FollowedSignal, HopResult, Verdict
-from probes.trace_ids import LATE, MISSING, UNKNOWN_TRACE_ID
+from fleetprobe.probes.chains import FAILURES, ChainSpec, FollowedSignal, HopResult, Verdict
+from fleetprobe.probes.trace_ids import LATE, MISSING, UNKNOWN_TRACE_ID
 
 CAPACITY = 2_000_000
 """Signals in flight at most (~400 bytes each: 800 MB); past it new ones are not sent."""

@@ -5,8 +5,8 @@ time in step with the wall clock from asyncio, and :class:`MqttPublisher` render
 signals from their templates and publishes them.
 """
 
-from simulator.clock import FleetClock
-from simulator.fleet import (
+from fleetprobe.simulator.clock import FleetClock
+from fleetprobe.simulator.fleet import (
     SIGNAL_FIELDS,
     TOPIC_FIELDS,
     Area,
@@ -19,9 +19,9 @@ from simulator.fleet import (
     shard_of,
     shard_of_trace_id,
 )
-from simulator.publisher import MqttPublisher, Outgoing, SignalSpec, iso_utc
-from simulator.templates import PayloadTemplate, TemplateError, TextTemplate
-from simulator.vin import is_valid_vin
+from fleetprobe.simulator.publisher import MqttPublisher, Outgoing, SignalSpec
+from fleetprobe.simulator.templates import PayloadTemplate, TemplateError, TextTemplate
+from fleetprobe.simulator.vin import is_valid_vin
 
 __all__ = [
     "SIGNAL_FIELDS",
@@ -41,7 +41,6 @@ __all__ = [
     "Vehicle",
     "build_fleet",
     "is_valid_vin",
-    "iso_utc",
     "shard_of",
     "shard_of_trace_id",
 ]

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import simpy
 
-from simulator.fleet import Emission
+from fleetprobe.simulator.fleet import Emission
 
 EmissionHandler = Callable[[Emission, int], Awaitable[None]]
 

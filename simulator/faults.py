@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from simulator.fleet import Emission
+from fleetprobe.simulator.fleet import Emission
 
 
 def _picked(fault: str, vin: str, share: float) -> bool:

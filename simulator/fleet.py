@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import simpy
 
-from simulator.geo import bearing_deg, distance_km, random_point
-from simulator.vin import make_vin
+from fleetprobe.simulator.geo import bearing_deg, distance_km, random_point
+from fleetprobe.simulator.vin import make_vin
 
 Powertrain = Literal["electric", "combustion"]
 

@@ -10,22 +10,21 @@ is known.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Literal
 
-from simulator.fleet import Emission
-from simulator.templates import PayloadTemplate, TextTemplate
-from transport.errors import ConnectError, NotAuthorizedError, SendError
-from transport.links import Backoff, LinkStats
-from transport.mqtt import BrokerTarget, MqttSession
+from fleetprobe.core.times import iso_utc
+from fleetprobe.simulator.fleet import Emission
+from fleetprobe.simulator.templates import PayloadTemplate, TextTemplate
+from fleetprobe.transport.errors import ConnectError, NotAuthorizedError, SendError
+from fleetprobe.transport.links import Backoff, LinkStats
+from fleetprobe.transport.mqtt import BrokerTarget, MqttSession
 
 SessionMode = Literal["per_vehicle", "pooled"]
 
@@ -64,18 +63,6 @@ class Outgoing:
     qos: int
     sent_ns: int
     sent_wall_ns: int
-
-
-def iso_utc(wall_ns: int) -> str:
-    """``2026-11-22T10:00:00.123456Z`` for a wall-clock time in nanoseconds."""
-    seconds, remainder = divmod(wall_ns, 1_000_000_000)
-    return f"{_iso_second(seconds)}.{remainder // 1000:06d}Z"
-
-
-@functools.lru_cache(maxsize=4)
-def _iso_second(seconds: int) -> str:
-    # Every signal is stamped twice; formatting the date once per second saves ~3 µs each.
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 class MqttPublisher:

@@ -14,13 +14,15 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+from fleetprobe.core.errors import FleetprobeError
+
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 Fields = Mapping[str, Any]
 
 
-class TemplateError(ValueError):
+class TemplateError(FleetprobeError, ValueError):
     """A template that cannot be compiled; the message says which placeholder and why.
 
     Attributes:

@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from transport.mqtt_codec import (
+from fleetprobe.transport.mqtt_codec import (
     MAX_VARINT,
     MQTT_5,
     MQTT_311,
@@ -67,7 +67,7 @@ from transport.mqtt_codec import (
     is_valid_topic_filter,
     is_valid_topic_name,
 )
-from transport.topics import match_levels
+from fleetprobe.transport.topics import match_levels
 
 _LOG = logging.getLogger(__name__)
 

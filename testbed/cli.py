@@ -14,13 +14,13 @@ import os
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
-from probes.config import parse_duration
-from testbed.knobs import STAGES, StageKnobs, stage_seed
-from testbed.platform import Testbed, TestbedTopics
-from testbed.webhooks import WebhookTarget, redact_url
-from transport.errors import ConnectError
-from transport.mqtt import BrokerTarget, make_tls_context, parse_broker_url
-from transport.servers import ListenError, split_listen
+from fleetprobe.core.durations import parse_duration
+from fleetprobe.testbed.knobs import STAGES, StageKnobs, stage_seed
+from fleetprobe.testbed.platform import Testbed, TestbedTopics
+from fleetprobe.testbed.webhooks import WebhookTarget, redact_url
+from fleetprobe.transport.errors import ConnectError
+from fleetprobe.transport.mqtt import BrokerTarget, make_tls_context, parse_broker_url
+from fleetprobe.transport.servers import ListenError, split_listen
 
 log = logging.getLogger("fleetprobe.testbed")
 

@@ -13,12 +13,12 @@ import json
 import logging
 import uuid
 
-from testbed.events import envelope
-from testbed.knobs import StageKnobs
-from testbed.stage import Counters, StageRunner
-from testbed.topics import topic_for, valid_vin, vin_from_topic
-from transport.errors import SendError
-from transport.mqtt import BrokerTarget, InboundMessage, MqttSession
+from fleetprobe.testbed.events import envelope
+from fleetprobe.testbed.knobs import StageKnobs
+from fleetprobe.testbed.stage import Counters, StageRunner
+from fleetprobe.testbed.topics import topic_for, valid_vin, vin_from_topic
+from fleetprobe.transport.errors import SendError
+from fleetprobe.transport.mqtt import BrokerTarget, InboundMessage, MqttSession
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import InitVar, dataclass, field
 from typing import Any, Final
 
-from probes.config import parse_duration
+from fleetprobe.core.durations import parse_duration
 
 STAGES: Final = ("gateway", "processor", "api", "webhooks")
 """The testbed's stages, in the order a signal passes them."""

@@ -18,17 +18,17 @@ from contextlib import AsyncExitStack
 from types import MappingProxyType, TracebackType
 from typing import Protocol
 
-from testbed.gateway import Gateway
-from testbed.knobs import STAGES, StageKnobs, stage_seed
-from testbed.processor import Processor
-from testbed.stage import Counters
-from testbed.state import StateStore
-from testbed.state_api import create_app
-from testbed.topics import TestbedTopics, as_filter
-from testbed.webhooks import WebhookSender, WebhookTarget
-from transport.errors import ConnectError
-from transport.mqtt import BrokerTarget
-from transport.servers import serve
+from fleetprobe.testbed.gateway import Gateway
+from fleetprobe.testbed.knobs import STAGES, StageKnobs, stage_seed
+from fleetprobe.testbed.processor import Processor
+from fleetprobe.testbed.stage import Counters
+from fleetprobe.testbed.state import StateStore
+from fleetprobe.testbed.state_api import create_app
+from fleetprobe.testbed.topics import TestbedTopics, as_filter
+from fleetprobe.testbed.webhooks import WebhookSender, WebhookTarget
+from fleetprobe.transport.errors import ConnectError
+from fleetprobe.transport.mqtt import BrokerTarget
+from fleetprobe.transport.servers import serve
 
 __all__ = ["Testbed", "TestbedTopics"]
 

@@ -16,13 +16,13 @@ import logging
 import uuid
 from typing import Any, Protocol
 
-from testbed.events import enrich
-from testbed.knobs import StageKnobs
-from testbed.stage import DEFAULT_BACKLOG, Counters, StageRunner
-from testbed.state import StateStore
-from testbed.topics import topic_for, valid_vin, vin_from_topic
-from transport.errors import SendError
-from transport.mqtt import BrokerTarget, InboundMessage, MqttSession
+from fleetprobe.testbed.events import enrich
+from fleetprobe.testbed.knobs import StageKnobs
+from fleetprobe.testbed.stage import DEFAULT_BACKLOG, Counters, StageRunner
+from fleetprobe.testbed.state import StateStore
+from fleetprobe.testbed.topics import topic_for, valid_vin, vin_from_topic
+from fleetprobe.transport.errors import SendError
+from fleetprobe.transport.mqtt import BrokerTarget, InboundMessage, MqttSession
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from testbed.knobs import StageKnobs
+from fleetprobe.testbed.knobs import StageKnobs
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from testbed.events import sent_at_of, signal_of, trace_id_of, utc_now_iso
+from fleetprobe.testbed.events import sent_at_of, signal_of, trace_id_of, utc_now_iso
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,9 +22,9 @@ from typing import Any
 
 from aiohttp import web
 
-from testbed.knobs import STAGES, StageKnobs, parse_knob_update
-from testbed.stage import Counters
-from testbed.state import StateStore
+from fleetprobe.testbed.knobs import STAGES, StageKnobs, parse_knob_update
+from fleetprobe.testbed.stage import Counters
+from fleetprobe.testbed.state import StateStore
 
 STAGE = "api"
 MAX_CONTROL_BODY = 64 << 10

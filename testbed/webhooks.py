@@ -20,11 +20,11 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
-from probes.trace_ids import normalize_trace_id
-from testbed.events import signal_of, trace_id_of
-from testbed.knobs import StageKnobs
-from testbed.stage import Counters, StageRunner
-from transport.http import HttpClient, HttpError
+from fleetprobe.core.trace_ids import normalize_trace_id
+from fleetprobe.testbed.events import signal_of, trace_id_of
+from fleetprobe.testbed.knobs import StageKnobs
+from fleetprobe.testbed.stage import Counters, StageRunner
+from fleetprobe.transport.http import HttpClient, HttpError
 
 log = logging.getLogger(__name__)
 

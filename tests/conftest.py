@@ -15,10 +15,10 @@ import aiohttp
 import pytest
 import yaml
 
-from fleetprobe.run import RunOptions, RunResult, run_scenario
-from fleetprobe.scenario import load_scenario
-from testbed.mosquitto import MosquittoProcess
-from transport.mqtt import BrokerTarget, parse_broker_url
+from fleetprobe.app.run import RunOptions, RunResult, run_scenario
+from fleetprobe.app.scenario import load_scenario
+from fleetprobe.testbed.mosquitto import MosquittoProcess
+from fleetprobe.transport.mqtt import BrokerTarget, parse_broker_url
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,8 @@ import promql_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import run_scenario_dict, scenario_dict
-from testbed.mosquitto import free_ports
-from transport.mqtt import BrokerTarget, MqttSession, parse_broker_url
+from fleetprobe.testbed.mosquitto import free_ports
+from fleetprobe.transport.mqtt import BrokerTarget, MqttSession, parse_broker_url
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "deploy/prometheus/fleetprobe-rules.yml"

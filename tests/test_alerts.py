@@ -12,11 +12,11 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from exporters.alerts import NOT_ENDED, AlertSender, fingerprint, webhook_payload
-from exporters.health import HealthChange
-from testbed.mosquitto import free_port
-from transport.http import HttpClient
-from transport.servers import serve
+from fleetprobe.exporters.alerts import NOT_ENDED, AlertSender, fingerprint, webhook_payload
+from fleetprobe.exporters.health import HealthChange
+from fleetprobe.testbed.mosquitto import free_port
+from fleetprobe.transport.http import HttpClient
+from fleetprobe.transport.servers import serve
 
 WALL = 1_795_341_600_123_456_789  # 2026-11-22T10:00:00.123456789Z
 S = 1_000_000_000

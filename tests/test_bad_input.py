@@ -14,11 +14,11 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from conftest import assert_every_signal_accounted, scenario_dict, write_scenario
-from fleetprobe.run import RunOptions, run_scenario
-from fleetprobe.scenario import ScenarioError, load_scenario
-from fleetprobe.scenario.loader import parse_scenario
-from transport.mqtt import MAX_MESSAGE_BYTES, BrokerTarget, MqttSession
-from transport.servers import serve
+from fleetprobe.app.run import RunOptions, run_scenario
+from fleetprobe.app.scenario import ScenarioError, load_scenario
+from fleetprobe.app.scenario.loader import parse_scenario
+from fleetprobe.transport.mqtt import MAX_MESSAGE_BYTES, BrokerTarget, MqttSession
+from fleetprobe.transport.servers import serve
 
 UNKNOWN_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 

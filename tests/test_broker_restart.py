@@ -13,10 +13,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from conftest import REPO, assert_every_signal_accounted, read_traces, scenario_dict, write_scenario
-from fleetprobe.run import RunOptions, run_scenario
-from fleetprobe.scenario import load_scenario
-from testbed.mosquitto import MosquittoProcess
-from transport.mqtt import BrokerTarget, MqttSession
+from fleetprobe.app.run import RunOptions, run_scenario
+from fleetprobe.app.scenario import load_scenario
+from fleetprobe.testbed.mosquitto import MosquittoProcess
+from fleetprobe.transport.mqtt import BrokerTarget, MqttSession
 
 OUTAGE_S = 1.0
 OUTAGE_RUN_S = float(os.environ.get("FLEETPROBE_OUTAGE_RUN_S", "14"))

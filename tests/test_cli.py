@@ -21,8 +21,8 @@ from conftest import (
     scrape_until,
     write_scenario,
 )
-from testbed.mosquitto import free_port
-from transport.mqtt import BrokerTarget, MqttSession
+from fleetprobe.testbed.mosquitto import free_port
+from fleetprobe.transport.mqtt import BrokerTarget, MqttSession
 
 
 async def test_unreachable_broker_exits_3_naming_the_url(tmp_path: Path, prefix: str) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from probes.chains import ChainSpec, FollowedSignal, HopSpec
-from probes.tracker import Tracker, sweep_deadlines
+from fleetprobe.probes.chains import ChainSpec, FollowedSignal, HopSpec
+from fleetprobe.probes.tracker import Tracker, sweep_deadlines
 
 
 class VerdictTimes:

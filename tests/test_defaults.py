@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 from conftest import scenario_dict
-from fleetprobe.cli import _parser
-from fleetprobe.scenario.faults import ProxyConfig
-from fleetprobe.scenario.models import Scenario
-from testbed import cli as testbed_cli
+from fleetprobe.app.cli import _parser
+from fleetprobe.app.scenario.faults import ProxyConfig
+from fleetprobe.app.scenario.models import Scenario
+from fleetprobe.testbed import cli as testbed_cli
 
 
 def subcommand(name: str) -> argparse.ArgumentParser:

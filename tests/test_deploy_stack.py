@@ -25,12 +25,12 @@ import pytest
 import yaml
 
 from conftest import REPO, finish, fleetprobe
-from fleetprobe import cli
-from fleetprobe.scenario import load_scenario
-from fleetprobe.scenario.models import Scenario
-from testbed import cli as testbed_cli
-from testbed.mosquitto import free_ports, mosquitto_path
-from transport.servers import split_listen
+from fleetprobe.app import cli
+from fleetprobe.app.scenario import load_scenario
+from fleetprobe.app.scenario.models import Scenario
+from fleetprobe.testbed import cli as testbed_cli
+from fleetprobe.testbed.mosquitto import free_ports, mosquitto_path
+from fleetprobe.transport.servers import split_listen
 
 DEPLOY = REPO / "deploy"
 SERVICES = {"mosquitto", "testbed", "fleetprobe", "prometheus", "alertmanager", "grafana"}

@@ -22,8 +22,8 @@ import pytest_asyncio
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
-from testbed.broker import EmbeddedBroker
-from transport.mqtt_codec import (
+from fleetprobe.testbed.broker import EmbeddedBroker
+from fleetprobe.transport.mqtt_codec import (
     MAX_VARINT,
     Ack,
     FrameDecoder,
@@ -44,7 +44,7 @@ from transport.mqtt_codec import (
     encode_varint,
     is_valid_topic_filter,
 )
-from transport.topics import topic_matches
+from fleetprobe.transport.topics import topic_matches
 
 V311 = aiomqtt.ProtocolVersion.V311
 V5 = aiomqtt.ProtocolVersion.V5

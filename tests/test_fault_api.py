@@ -15,10 +15,10 @@ import pytest
 import toxiproxy  # type: ignore[import-untyped]
 
 from conftest import echo, finish, fleetprobe
-from faults.api import make_app
-from faults.proxy import ProxySet
-from testbed.mosquitto import free_port
-from transport.servers import serve, split_listen
+from fleetprobe.faults.api import make_app
+from fleetprobe.faults.proxy import ProxySet
+from fleetprobe.testbed.mosquitto import free_port
+from fleetprobe.transport.servers import serve, split_listen
 
 
 @pytest.fixture

@@ -14,14 +14,14 @@ import yaml
 from junitparser import Failure, JUnitXml
 
 from conftest import REPO, assert_every_signal_accounted, scenario_dict, write_scenario
-from faults.api import make_app
-from faults.proxy import ProxySet
-from fleetprobe.run import RunOptions, run_scenario
-from fleetprobe.scenario import load_scenario
-from testbed.demo import run_demo
-from testbed.mosquitto import free_port
-from transport.mqtt import BrokerTarget
-from transport.servers import serve
+from fleetprobe.app.demo import run_demo
+from fleetprobe.app.run import RunOptions, run_scenario
+from fleetprobe.app.scenario import load_scenario
+from fleetprobe.faults.api import make_app
+from fleetprobe.faults.proxy import ProxySet
+from fleetprobe.testbed.mosquitto import free_port
+from fleetprobe.transport.mqtt import BrokerTarget
+from fleetprobe.transport.servers import serve
 
 DRILLS = sorted((REPO / "scenarios" / "drills").glob("*.yaml"))
 

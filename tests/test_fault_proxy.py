@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from conftest import echo
-from faults.proxy import Proxy, ProxyError, ProxySet
-from faults.toxics import ToxicSpec
-from transport.servers import split_listen
+from fleetprobe.faults.proxy import Proxy, ProxyError, ProxySet
+from fleetprobe.faults.toxics import ToxicSpec
+from fleetprobe.transport.servers import split_listen
 
 
 @asynccontextmanager

@@ -11,8 +11,8 @@ from collections import Counter, defaultdict
 import pytest
 import simpy
 
-from simulator.clock import FleetClock
-from simulator.fleet import (
+from fleetprobe.simulator.clock import FleetClock
+from fleetprobe.simulator.fleet import (
     Area,
     Cadence,
     Emission,
@@ -22,7 +22,7 @@ from simulator.fleet import (
     shard_of,
     shard_of_trace_id,
 )
-from simulator.geo import distance_km
+from fleetprobe.simulator.geo import distance_km
 
 AREA = Area(lat=48.78, lon=9.18, radius_km=5.0)
 CAR = Profile("car", 3.0, (20.0, 90.0), {"telemetry": Cadence(1.0, 0.2), "door": Cadence(7.0, 3.0)})

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from conftest import read_traces, run_scenario_dict, scenario_dict
-from fleetprobe.run import RunResult
-from transport.mqtt import BrokerTarget, MqttSession
+from fleetprobe.app.run import RunResult
+from fleetprobe.transport.mqtt import BrokerTarget, MqttSession
 
 
 def with_fault(broker_url: str, prefix: str, tmp_path: Path, **fault: Any) -> dict[str, Any]:

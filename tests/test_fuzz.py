@@ -11,11 +11,16 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from faults.mqtt_frames import MalformedError, MqttFramer, Session, inspect_publish
-from fleetprobe.scenario import ScenarioError
-from fleetprobe.scenario.loader import parse_scenario
-from probes.trace_ids import TraceIdReader, Unmatched, compile_path, parse_json
-from transport.mqtt_codec import MqttError, decode_packet, decode_publish_head, decode_server_packet
+from fleetprobe.app.scenario import ScenarioError
+from fleetprobe.app.scenario.loader import parse_scenario
+from fleetprobe.faults.mqtt_frames import MalformedError, MqttFramer, Session, inspect_publish
+from fleetprobe.probes.trace_ids import TraceIdReader, Unmatched, compile_path, parse_json
+from fleetprobe.transport.mqtt_codec import (
+    MqttError,
+    decode_packet,
+    decode_publish_head,
+    decode_server_packet,
+)
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))
 FUZZ = settings(

@@ -7,9 +7,16 @@ import logging
 import pytest
 from prometheus_client import CollectorRegistry
 
-from exporters.health import HealthChange, HealthMonitor, HealthPolicy, HopHealth
-from probes.chains import FAILURES, ChainSpec, FollowedSignal, HopResult, HopSpec, Verdict
-from probes.tracker import Tracker
+from fleetprobe.exporters.health import HealthChange, HealthMonitor, HealthPolicy, HopHealth
+from fleetprobe.probes.chains import (
+    FAILURES,
+    ChainSpec,
+    FollowedSignal,
+    HopResult,
+    HopSpec,
+    Verdict,
+)
+from fleetprobe.probes.tracker import Tracker
 
 T0 = 1_000_000_000_000  # a monotonic time in ns; never 0, which the tracker means "not seen"
 MS = 1_000_000

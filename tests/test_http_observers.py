@@ -15,14 +15,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from probes.chains import ChainSpec, FollowedSignal, HopResult, HopSpec
-from probes.observers import ObserverContext, WatchedHop
-from probes.observers.http_poll import HttpPollHop, HttpPollObserver
-from probes.observers.webhook import WebhookHop, WebhookObserver
-from probes.tracker import Tracker, sweep_deadlines
-from testbed.mosquitto import free_port
-from transport.mqtt import BrokerTarget
-from transport.servers import serve
+from fleetprobe.probes.chains import ChainSpec, FollowedSignal, HopResult, HopSpec
+from fleetprobe.probes.observers import ObserverContext, WatchedHop
+from fleetprobe.probes.observers.http_poll import HttpPollHop, HttpPollObserver
+from fleetprobe.probes.observers.webhook import WebhookHop, WebhookObserver
+from fleetprobe.probes.tracker import Tracker, sweep_deadlines
+from fleetprobe.testbed.mosquitto import free_port
+from fleetprobe.transport.mqtt import BrokerTarget
+from fleetprobe.transport.servers import serve
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

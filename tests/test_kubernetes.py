@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from conftest import REPO
-from fleetprobe import cli
-from fleetprobe.scenario import load_scenario
-from transport.servers import split_listen
+from fleetprobe.app import cli
+from fleetprobe.app.scenario import load_scenario
+from fleetprobe.transport.servers import split_listen
 
 KUBERNETES = REPO / "deploy/kubernetes"
 # The oldest Kubernetes the Job is for (backoffLimitPerIndex is on by default from 1.29),

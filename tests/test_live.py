@@ -7,11 +7,11 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from exporters.health import HealthMonitor, HealthPolicy
-from exporters.live import LiveView
-from exporters.results import ResultBook
-from probes.chains import ChainSpec, FollowedSignal, HopSpec
-from probes.tracker import Tracker
+from fleetprobe.exporters.health import HealthMonitor, HealthPolicy
+from fleetprobe.exporters.live import LiveView
+from fleetprobe.exporters.results import ResultBook
+from fleetprobe.probes.chains import ChainSpec, FollowedSignal, HopSpec
+from fleetprobe.probes.tracker import Tracker
 
 CHAIN = ChainSpec("telemetry", "telemetry", (HopSpec("broker", 1.0), HopSpec("api", 2.0)))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporters.merged_metrics import merge_expositions
+from fleetprobe.exporters.merged_metrics import merge_expositions
 
 
 def shard_exposition(sent: int, up: int, inflight: int, latencies: list[float]) -> str:

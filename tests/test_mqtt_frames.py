@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from faults.mqtt_frames import (
+from fleetprobe.faults.mqtt_frames import (
     MqttFramer,
     Packet,
     Session,
     inspect_publish,
     with_dup_flag,
 )
-from transport.mqtt_codec import MQTT_5, PacketType, PropertyId, Publish, encode_publish
+from fleetprobe.transport.mqtt_codec import MQTT_5, PacketType, PropertyId, Publish, encode_publish
 
 
 def connect_packet(client_id: str, level: int) -> bytes:

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from faults.proxy import ProxySet
-from faults.toxics import ToxicSpec
-from testbed.broker import EmbeddedBroker
-from testbed.mosquitto import MosquittoProcess, free_port
-from transport.errors import ConnectError, NotAuthorizedError, SendError
-from transport.mqtt import BrokerTarget, InboundMessage, MqttSession, ProtocolName
-from transport.servers import split_listen
+from fleetprobe.faults.proxy import ProxySet
+from fleetprobe.faults.toxics import ToxicSpec
+from fleetprobe.testbed.broker import EmbeddedBroker
+from fleetprobe.testbed.mosquitto import MosquittoProcess, free_port
+from fleetprobe.transport.errors import ConnectError, NotAuthorizedError, SendError
+from fleetprobe.transport.mqtt import BrokerTarget, InboundMessage, MqttSession, ProtocolName
+from fleetprobe.transport.servers import split_listen
 
 PROTOCOLS: list[ProtocolName] = ["5", "3.1.1"]
 

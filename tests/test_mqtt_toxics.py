@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from faults.proxy import Proxy, ProxySet
-from faults.toxics import ToxicSpec
-from transport.errors import ConnectError
-from transport.mqtt import BrokerTarget, InboundMessage, MqttSession
-from transport.servers import split_listen
+from fleetprobe.faults.proxy import Proxy, ProxySet
+from fleetprobe.faults.toxics import ToxicSpec
+from fleetprobe.transport.errors import ConnectError
+from fleetprobe.transport.mqtt import BrokerTarget, InboundMessage, MqttSession
+from fleetprobe.transport.servers import split_listen
 
 END = "end"
 

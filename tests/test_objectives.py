@@ -9,9 +9,9 @@ from pathlib import Path
 import junitparser
 
 from conftest import scenario_dict, write_scenario
-from fleetprobe.exit_codes import ExitCode
-from fleetprobe.run import RunOptions, run_scenario
-from fleetprobe.scenario import load_scenario
+from fleetprobe.app.exit_codes import ExitCode
+from fleetprobe.app.run import RunOptions, run_scenario
+from fleetprobe.app.scenario import load_scenario
 
 
 async def run_with_objectives(tmp_path: Path, broker_url: str, prefix: str, slo: list) -> int:

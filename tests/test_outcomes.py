@@ -8,11 +8,11 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from faults.timeline import Timeline, Window
-from fleetprobe.outcomes import ExpectedOutcome, FaultTimes, SignalLedger, SignalRecord, judge
-from fleetprobe.scenario.faults import ExpectConfig
-from probes.chains import ChainSpec, HopSpec
-from transport.errors import FleetprobeError
+from fleetprobe.app.outcomes import ExpectedOutcome, FaultTimes, SignalLedger, SignalRecord, judge
+from fleetprobe.app.scenario.faults import ExpectConfig
+from fleetprobe.core.errors import FleetprobeError
+from fleetprobe.faults.timeline import Timeline, Window
+from fleetprobe.probes.chains import ChainSpec, HopSpec
 
 S = 1_000_000_000  # ns
 

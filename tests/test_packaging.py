@@ -36,9 +36,11 @@ def test_dockerfile_installs_every_package_the_same_way_as_the_readme() -> None:
     copied = {args.split()[0] for kind, args in instructions if kind == "COPY"}
     assert {
         "fleetprobe",
+        "core",
         "simulator",
         "probes",
         "exporters",
+        "faults",
         "transport",
         "testbed",
         "scenarios",
@@ -55,8 +57,11 @@ def test_dockerfile_installs_every_package_the_same_way_as_the_readme() -> None:
     assert ("EXPOSE", "9464") in instructions
 
 
-def test_the_wheel_ships_every_package_and_the_demo_scenario(tmp_path: Path) -> None:
-    """A built wheel holds all packages and scenarios/demo.yaml, so `fleetprobe demo` works."""
+def test_the_wheel_installs_one_name_with_every_package_and_the_demo_scenario(
+    tmp_path: Path,
+) -> None:
+    """A built wheel adds exactly one top-level name, fleetprobe (and its .dist-info), and
+    holds every layer and scenarios/demo.yaml under it, so `fleetprobe demo` works."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
         check=True,
@@ -65,18 +70,24 @@ def test_the_wheel_ships_every_package_and_the_demo_scenario(tmp_path: Path) -> 
     )
     wheel = next(tmp_path.glob("fleetprobe-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "scenarios/demo.yaml" in names
+    top_level = {name.split("/", 1)[0] for name in names}
+    assert top_level == {"fleetprobe", "fleetprobe-0.1.0.dist-info"}
+    assert "fleetprobe/scenarios/demo.yaml" in names
+    assert "fleetprobe/scenarios/drills/stage-outage.yaml" in names
     for package in (
-        "fleetprobe",
+        "app",
+        "app/scenario",
+        "core",
         "simulator",
         "probes",
         "probes/observers",
         "exporters",
+        "faults",
         "transport",
         "testbed",
     ):
-        assert f"{package}/__init__.py" in names, package
-    assert not any(name.startswith("tests/") for name in names)
+        assert f"fleetprobe/{package}/__init__.py" in names, package
+    assert not any("tests/" in name for name in names)
 
 
 def test_ci_runs_the_readme_test_command() -> None:

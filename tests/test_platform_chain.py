@@ -12,14 +12,14 @@ from typing import Any
 from aiohttp import web
 
 from conftest import mqtt_hops_of_the_testbed, read_traces, run_scenario_dict, scenario_dict
-from probes.tracker import ORDER_TOLERANCE_S
-from testbed.knobs import StageKnobs
-from testbed.mosquitto import free_port
-from testbed.platform import Testbed
-from testbed.topics import TestbedTopics
-from testbed.webhooks import WebhookTarget
-from transport.mqtt import BrokerTarget
-from transport.servers import serve
+from fleetprobe.probes.tracker import ORDER_TOLERANCE_S
+from fleetprobe.testbed.knobs import StageKnobs
+from fleetprobe.testbed.mosquitto import free_port
+from fleetprobe.testbed.platform import Testbed
+from fleetprobe.testbed.topics import TestbedTopics
+from fleetprobe.testbed.webhooks import WebhookTarget
+from fleetprobe.transport.mqtt import BrokerTarget
+from fleetprobe.transport.servers import serve
 
 SECRET = "platform-test-secret"
 

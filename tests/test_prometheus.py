@@ -14,12 +14,12 @@ import aiohttp
 import pytest
 
 from conftest import mqtt_hops_of_the_testbed, run_scenario_dict, scenario_dict
-from exporters.metrics import LATENCY_BUCKETS
-from testbed.knobs import StageKnobs
-from testbed.mosquitto import free_ports
-from testbed.platform import Testbed
-from testbed.topics import TestbedTopics
-from transport.mqtt import BrokerTarget
+from fleetprobe.exporters.metrics import LATENCY_BUCKETS
+from fleetprobe.testbed.knobs import StageKnobs
+from fleetprobe.testbed.mosquitto import free_ports
+from fleetprobe.testbed.platform import Testbed
+from fleetprobe.testbed.topics import TestbedTopics
+from fleetprobe.transport.mqtt import BrokerTarget
 
 pytestmark = [
     pytest.mark.prometheus,

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from conftest import scenario_dict, write_scenario
-from fleetprobe.run import RunOptions, run_scenario
-from fleetprobe.scenario import load_scenario
-from testbed.broker import EmbeddedBroker
-from testbed.mosquitto import MosquittoProcess
-from transport.mqtt import BrokerTarget, MqttSession
+from fleetprobe.app.run import RunOptions, run_scenario
+from fleetprobe.app.scenario import load_scenario
+from fleetprobe.testbed.broker import EmbeddedBroker
+from fleetprobe.testbed.mosquitto import MosquittoProcess
+from fleetprobe.transport.mqtt import BrokerTarget, MqttSession
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pickle
 import random
 
-from exporters.results import ResultBook
-from exporters.stats import Samples
-from probes.chains import ChainSpec, FollowedSignal, HopResult, HopSpec, Verdict
+from fleetprobe.exporters.results import ResultBook
+from fleetprobe.exporters.stats import Samples
+from fleetprobe.probes.chains import ChainSpec, FollowedSignal, HopResult, HopSpec, Verdict
 
 CHAIN = ChainSpec("c", "telemetry", (HopSpec("broker", 1.0), HopSpec("api", 2.0)))
 S = 1_000_000_000

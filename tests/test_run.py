@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from conftest import read_traces, run_scenario_dict, scenario_dict
-from testbed.gateway import Gateway
-from testbed.knobs import StageKnobs
-from transport.mqtt import BrokerTarget, MqttSession
+from fleetprobe.testbed.gateway import Gateway
+from fleetprobe.testbed.knobs import StageKnobs
+from fleetprobe.transport.mqtt import BrokerTarget, MqttSession
 
 
 def gateway_chain(prefix: str, **hop: Any) -> dict[str, Any]:

@@ -11,10 +11,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from conftest import assert_every_signal_accounted, run_scenario_dict, scenario_dict
-from exporters.results import ResultBook
-from exporters.saturation import SaturationWatch
-from fleetprobe.run import RunOptions
-from transport.queues import QueueState
+from fleetprobe.app.run import RunOptions
+from fleetprobe.core.queues import QueueState
+from fleetprobe.exporters.results import ResultBook
+from fleetprobe.exporters.saturation import SaturationWatch
 
 
 def watch_over(

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fleetprobe.scenario import ScenarioError, load_scenario
+from fleetprobe.app.scenario import ScenarioError, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 INVALID_DIR = Path("tests/scenarios/invalid")  # relative to REPO, as it appears in messages

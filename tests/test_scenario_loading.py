@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from fleetprobe.scenario import LoadedScenario, load_scenario, parse_scenario
-from fleetprobe.scenario.interpolation import interpolate
-from fleetprobe.scenario.models import CadenceConfig
-from probes.config import parse_duration
+from fleetprobe.app.scenario import LoadedScenario, load_scenario, parse_scenario
+from fleetprobe.app.scenario.interpolation import interpolate
+from fleetprobe.app.scenario.models import CadenceConfig
+from fleetprobe.core.durations import parse_duration
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "scenarios").glob("*.yaml"))

@@ -16,12 +16,12 @@ from conftest import (
     scrape_until,
     write_scenario,
 )
-from testbed.mosquitto import MosquittoProcess, free_ports
-from testbed.platform import Testbed
-from testbed.topics import TestbedTopics
-from testbed.webhooks import WebhookTarget
-from transport.mqtt import BrokerTarget
-from transport.servers import serve
+from fleetprobe.testbed.mosquitto import MosquittoProcess, free_ports
+from fleetprobe.testbed.platform import Testbed
+from fleetprobe.testbed.topics import TestbedTopics
+from fleetprobe.testbed.webhooks import WebhookTarget
+from fleetprobe.transport.mqtt import BrokerTarget
+from fleetprobe.transport.servers import serve
 
 PASSWORD = "Pw-Quokka-5521-not-for-logs"
 HOOK_SECRET = "Hook-Narwhal-8830-not-for-logs"

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from simulator.templates import PayloadTemplate, TemplateError, TextTemplate
+from fleetprobe.simulator.templates import PayloadTemplate, TemplateError, TextTemplate
 
 
 @pytest.mark.parametrize("value", [42, 1.5, True, False, None, "abc", 0])

@@ -22,13 +22,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from testbed.cli import add_arguments, run
-from testbed.knobs import STAGES, KnobUpdate, StageKnobs, parse_knob_update
-from testbed.mosquitto import free_port, free_ports
-from testbed.platform import Testbed, TestbedTopics
-from testbed.state import StateStore
-from testbed.webhooks import WebhookTarget
-from transport.mqtt import BrokerTarget, InboundMessage, MqttSession
+from fleetprobe.testbed.cli import add_arguments, run
+from fleetprobe.testbed.knobs import STAGES, KnobUpdate, StageKnobs, parse_knob_update
+from fleetprobe.testbed.mosquitto import free_port, free_ports
+from fleetprobe.testbed.platform import Testbed, TestbedTopics
+from fleetprobe.testbed.state import StateStore
+from fleetprobe.testbed.webhooks import WebhookTarget
+from fleetprobe.transport.mqtt import BrokerTarget, InboundMessage, MqttSession
 
 SECRET = "s3cret-for-tests"
 TEST_TIMEOUT_S = 10.0

@@ -14,10 +14,10 @@ import pytest
 import trustme
 
 from conftest import scenario_dict, write_scenario
-from fleetprobe.exit_codes import ExitCode
-from fleetprobe.run import RunOptions, RunResult, run_scenario
-from fleetprobe.scenario import load_scenario
-from testbed.mosquitto import MosquittoProcess
+from fleetprobe.app.exit_codes import ExitCode
+from fleetprobe.app.run import RunOptions, RunResult, run_scenario
+from fleetprobe.app.scenario import load_scenario
+from fleetprobe.testbed.mosquitto import MosquittoProcess
 
 
 @pytest.fixture(scope="module")

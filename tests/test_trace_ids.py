@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from probes.config import compile_path, parse_duration
-from probes.trace_ids import (
+from fleetprobe.core.durations import parse_duration
+from fleetprobe.probes.json_paths import compile_path
+from fleetprobe.probes.trace_ids import (
     BAD_TRACE_ID,
     MISSING,
     NO_TRACE_ID,

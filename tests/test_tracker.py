@@ -7,10 +7,17 @@ from typing import Any
 
 import pytest
 
-from probes.chains import ChainSpec, Expectation, FollowedSignal, HopResult, HopSpec, Verdict
-from probes.trace_ids import LATE, MISSING, UNKNOWN_TRACE_ID
-from probes.tracker import Tracker
-from simulator.templates import TextTemplate
+from fleetprobe.probes.chains import (
+    ChainSpec,
+    Expectation,
+    FollowedSignal,
+    HopResult,
+    HopSpec,
+    Verdict,
+)
+from fleetprobe.probes.trace_ids import LATE, MISSING, UNKNOWN_TRACE_ID
+from fleetprobe.probes.tracker import Tracker
+from fleetprobe.simulator.templates import TextTemplate
 
 T0 = 1_000_000_000_000  # a monotonic time in ns; never 0, which the tracker means "not seen"
 MS = 1_000_000

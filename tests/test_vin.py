@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from simulator.vin import VIN_ALPHABET, check_digit, is_valid_vin, make_vin
+from fleetprobe.simulator.vin import VIN_ALPHABET, check_digit, is_valid_vin, make_vin
 
 
 @pytest.mark.parametrize(

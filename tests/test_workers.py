@@ -26,9 +26,9 @@ from conftest import (
     scrape_until,
     write_scenario,
 )
-from simulator.fleet import shard_of
-from testbed.mosquitto import free_port
-from transport.mqtt import BrokerTarget, MqttSession
+from fleetprobe.simulator.fleet import shard_of
+from fleetprobe.testbed.mosquitto import free_port
+from fleetprobe.transport.mqtt import BrokerTarget, MqttSession
 
 
 def small_fleet(

@@ -1,14 +1,13 @@
-"""Connections to the outside world: the MQTT and HTTP clients and the project's error tree.
+"""Connections to the outside world: the MQTT and HTTP clients and the servers.
 
-:mod:`transport.mqtt` speaks MQTT over asyncio (its packets are in :mod:`transport.mqtt_codec`),
-:mod:`transport.http` owns the aiohttp client sessions; both translate socket, TLS and
-protocol errors into the exceptions of :mod:`transport.errors`, each with a bounded
-``reason`` fit for a metric label.
+:mod:`fleetprobe.transport.mqtt` speaks MQTT over asyncio (its packets are in
+:mod:`fleetprobe.transport.mqtt_codec`), :mod:`fleetprobe.transport.http` owns the aiohttp
+client sessions; both translate socket, TLS and protocol errors into the exceptions of
+:mod:`fleetprobe.transport.errors`, each with a bounded ``reason`` fit for a metric label.
 """
 
-from transport.errors import (
+from fleetprobe.transport.errors import (
     ConnectError,
-    FleetprobeError,
     NotAuthorizedError,
     SendError,
     TransportError,
@@ -16,7 +15,6 @@ from transport.errors import (
 
 __all__ = [
     "ConnectError",
-    "FleetprobeError",
     "NotAuthorizedError",
     "SendError",
     "TransportError",

@@ -1,22 +1,9 @@
-"""The project's exception tree.
-
-::
-
-    FleetprobeError                 anything fleetprobe raises on purpose
-    └── TransportError              talking to a peer failed; ``reason`` is a metric label
-        ├── ConnectError            the peer could not be reached (refused, DNS, TLS, timeout)
-        │   └── NotAuthorizedError  the broker refused the credentials (fatal, no retry)
-        └── SendError               a message could not be handed over
-
-The scenario loader adds ``ScenarioError`` (in ``fleetprobe.scenario``) under
-``FleetprobeError``. A failed hop is never an exception: it is a result in the tracker.
-"""
+"""Errors of talking to peers: the ``TransportError`` branch of the tree drawn in
+:mod:`fleetprobe.core.errors`."""
 
 from __future__ import annotations
 
-
-class FleetprobeError(Exception):
-    """Base of every error fleetprobe raises on purpose."""
+from fleetprobe.core.errors import FleetprobeError
 
 
 class TransportError(FleetprobeError):

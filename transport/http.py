@@ -18,7 +18,7 @@ from types import TracebackType
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from transport.errors import TransportError
+from fleetprobe.transport.errors import TransportError
 
 MAX_BODY_BYTES = 1 << 20
 

@@ -30,8 +30,8 @@ from types import TracebackType
 from typing import Literal
 from urllib.parse import urlsplit
 
-from transport.errors import ConnectError, NotAuthorizedError, SendError
-from transport.mqtt_codec import (
+from fleetprobe.transport.errors import ConnectError, NotAuthorizedError, SendError
+from fleetprobe.transport.mqtt_codec import (
     MQTT_5,
     MQTT_311,
     Ack,

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypeAlias
 
-from transport.topics import check_topic_filter
+from fleetprobe.core.errors import FleetprobeError
+from fleetprobe.transport.topics import check_topic_filter
 
 MQTT_311 = 4
 """Protocol level of MQTT 3.1.1."""
@@ -162,7 +163,7 @@ _PROPERTY_KINDS: dict[int, _Kind] = {
 _REPEATABLE_PROPERTIES = frozenset({PropertyId.USER_PROPERTY, PropertyId.SUBSCRIPTION_IDENTIFIER})
 
 
-class MqttError(Exception):
+class MqttError(FleetprobeError):
     """The peer violated the protocol; the connection has to be closed.
 
     Attributes:

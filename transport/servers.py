@@ -6,7 +6,7 @@ import os
 
 from aiohttp import web
 
-from transport.errors import FleetprobeError
+from fleetprobe.core.errors import FleetprobeError
 
 
 class ListenError(FleetprobeError):

@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 from functools import cache
 
-from probes.observers.base import (
+from fleetprobe.probes.observers.base import (
     HopConfig,
     Observer,
     ObserverContext,

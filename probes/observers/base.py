@@ -15,10 +15,11 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
 
-from probes.tracker import Tracker
-from transport.links import LinkStats
-from transport.mqtt import BrokerTarget
-from transport.queues import QueueState
+from fleetprobe.core.errors import FleetprobeError
+from fleetprobe.core.queues import QueueState
+from fleetprobe.probes.tracker import Tracker
+from fleetprobe.transport.links import LinkStats
+from fleetprobe.transport.mqtt import BrokerTarget
 
 
 class HopConfig(BaseModel, extra="forbid", frozen=True):
@@ -112,5 +113,5 @@ class Observer(ABC):
         return None
 
 
-class ObserverSetupError(Exception):
+class ObserverSetupError(FleetprobeError):
     """A hop cannot be observed as configured (e.g. the broker refused its subscription)."""

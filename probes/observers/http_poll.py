@@ -16,12 +16,13 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from probes.config import Duration, PathText
-from probes.observers.base import HopConfig, Observer, ObserverContext, WatchedHop
-from probes.trace_ids import TraceIdReader, Unmatched, one_source, parse_json
-from simulator.fleet import SIGNAL_FIELDS
-from simulator.templates import TextTemplate
-from transport.http import HttpClient, HttpError
+from fleetprobe.core.durations import Duration
+from fleetprobe.probes.json_paths import PathText
+from fleetprobe.probes.observers.base import HopConfig, Observer, ObserverContext, WatchedHop
+from fleetprobe.probes.trace_ids import TraceIdReader, Unmatched, one_source, parse_json
+from fleetprobe.simulator.fleet import SIGNAL_FIELDS
+from fleetprobe.simulator.templates import TextTemplate
+from fleetprobe.transport.http import HttpClient, HttpError
 
 MAX_REMEMBERED_URLS = 100_000
 

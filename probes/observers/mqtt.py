@@ -13,15 +13,16 @@ from typing import Any
 
 from pydantic import field_validator, model_validator
 
-from probes.config import PathText
-from probes.observers.base import (
+from fleetprobe.core.queues import QueueState
+from fleetprobe.probes.json_paths import PathText
+from fleetprobe.probes.observers.base import (
     HopConfig,
     Observer,
     ObserverContext,
     ObserverSetupError,
     WatchedHop,
 )
-from probes.trace_ids import (
+from fleetprobe.probes.trace_ids import (
     RETAINED,
     TOO_LARGE,
     TraceIdReader,
@@ -29,11 +30,10 @@ from probes.trace_ids import (
     one_source,
     parse_json,
 )
-from transport.errors import ConnectError, NotAuthorizedError
-from transport.links import Backoff, LinkStats
-from transport.mqtt import InboundMessage, MqttSession
-from transport.queues import QueueState
-from transport.topics import check_topic_filter, topic_matches
+from fleetprobe.transport.errors import ConnectError, NotAuthorizedError
+from fleetprobe.transport.links import Backoff, LinkStats
+from fleetprobe.transport.mqtt import InboundMessage, MqttSession
+from fleetprobe.transport.topics import check_topic_filter, topic_matches
 
 log = logging.getLogger("fleetprobe")
 

@@ -19,10 +19,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from probes.config import PathText
-from probes.observers.base import HopConfig, Observer, ObserverContext, WatchedHop
-from probes.trace_ids import TraceIdReader, Unmatched, one_source, parse_json
-from transport.servers import serve
+from fleetprobe.probes.json_paths import PathText
+from fleetprobe.probes.observers.base import HopConfig, Observer, ObserverContext, WatchedHop
+from fleetprobe.probes.trace_ids import TraceIdReader, Unmatched, one_source, parse_json
+from fleetprobe.transport.servers import serve
 
 SIGNATURE_PREFIX = "sha256="
 

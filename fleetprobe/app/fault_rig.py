@@ -16,17 +16,18 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from faults.backends import BackendError, BuiltinBackend, ProxyBackend, ToxiproxyBackend
-from faults.timeline import Timeline, Window
-from faults.toxics import ToxicSpec
-from fleetprobe.emitter import Emitter
-from fleetprobe.outcomes import ExpectedOutcome, FaultTimes
-from fleetprobe.scenario.faults import FaultConfig, FaultsConfig, target_of
-from simulator.faults import FleetFaults
-from simulator.publisher import MqttPublisher, iso_utc
-from transport.http import HttpClient, HttpError
-from transport.mqtt import BrokerTarget
-from transport.servers import split_listen
+from fleetprobe.app.emitter import Emitter
+from fleetprobe.app.outcomes import ExpectedOutcome, FaultTimes
+from fleetprobe.app.scenario.faults import FaultConfig, FaultsConfig, target_of
+from fleetprobe.core.times import iso_utc
+from fleetprobe.faults.backends import BackendError, BuiltinBackend, ProxyBackend, ToxiproxyBackend
+from fleetprobe.faults.timeline import Timeline, Window
+from fleetprobe.faults.toxics import ToxicSpec
+from fleetprobe.simulator.faults import FleetFaults
+from fleetprobe.simulator.publisher import MqttPublisher
+from fleetprobe.transport.http import HttpClient, HttpError
+from fleetprobe.transport.mqtt import BrokerTarget
+from fleetprobe.transport.servers import split_listen
 
 log = logging.getLogger("fleetprobe.faults")
 

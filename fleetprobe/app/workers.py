@@ -34,21 +34,21 @@ from typing import Any
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from exporters.merged_metrics import merge_expositions
-from exporters.results import ResultBook
-from exporters.saturation import merge_reports
-from exporters.server import make_exposition_app
-from fleetprobe.conclusion import RunRecord, RunResult, conclude
-from fleetprobe.exit_codes import ExitCode
-from fleetprobe.interruption import Interruption, linger_for_last_scrape
-from fleetprobe.plan import make_plan
-from fleetprobe.run import STARTUP_TIMEOUT_S, RunOptions, run_scenario
-from fleetprobe.scenario import LoadedScenario, load_scenario
-from fleetprobe.scenario.models import Scenario
-from probes.chains import ChainSpec
-from simulator.publisher import iso_utc
-from transport.links import merge_link_reports
-from transport.servers import ListenError, serve, split_listen
+from fleetprobe.app.conclusion import RunRecord, RunResult, conclude
+from fleetprobe.app.exit_codes import ExitCode
+from fleetprobe.app.interruption import Interruption, linger_for_last_scrape
+from fleetprobe.app.plan import make_plan
+from fleetprobe.app.run import STARTUP_TIMEOUT_S, RunOptions, run_scenario
+from fleetprobe.app.scenario import LoadedScenario, load_scenario
+from fleetprobe.app.scenario.models import Scenario
+from fleetprobe.core.times import iso_utc
+from fleetprobe.exporters.merged_metrics import merge_expositions
+from fleetprobe.exporters.results import ResultBook
+from fleetprobe.exporters.saturation import merge_reports
+from fleetprobe.exporters.server import make_exposition_app
+from fleetprobe.probes.chains import ChainSpec
+from fleetprobe.transport.links import merge_link_reports
+from fleetprobe.transport.servers import ListenError, serve, split_listen
 
 log = logging.getLogger("fleetprobe")
 
@@ -355,7 +355,7 @@ def _worker_main(job: ShardJob, results: Connection) -> None:
         level=logging.DEBUG if job.verbose else logging.INFO,
         format=f"%(asctime)s %(levelname)s [shard {index}/{count}] %(message)s",
     )
-    logging.getLogger("transport.mqtt").setLevel(logging.WARNING)
+    logging.getLogger("fleetprobe.transport.mqtt").setLevel(logging.WARNING)
     loaded = load_scenario(job.scenario_path)
     exporters = loaded.scenario.exporters.model_copy(
         update={"json_path": None, "junit": None, "traces": job.traces_path, "prometheus": None}

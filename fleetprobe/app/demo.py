@@ -16,12 +16,12 @@ from contextlib import AsyncExitStack
 from importlib import resources
 from pathlib import Path
 
-from testbed.knobs import StageKnobs
-from testbed.mosquitto import MosquittoProcess, free_ports, mosquitto_path
-from testbed.platform import Testbed
-from testbed.topics import TestbedTopics
-from testbed.webhooks import WebhookTarget
-from transport.mqtt import BrokerTarget
+from fleetprobe.testbed.knobs import StageKnobs
+from fleetprobe.testbed.mosquitto import MosquittoProcess, free_ports, mosquitto_path
+from fleetprobe.testbed.platform import Testbed
+from fleetprobe.testbed.topics import TestbedTopics
+from fleetprobe.testbed.webhooks import WebhookTarget
+from fleetprobe.transport.mqtt import BrokerTarget
 
 log = logging.getLogger("fleetprobe.demo")
 
@@ -33,7 +33,7 @@ def demo_scenario_path() -> Path:
 
 def shipped_scenario(name: str) -> Path:
     """A scenario shipped with fleetprobe, like ``drills/broker-latency.yaml``."""
-    return Path(str(resources.files("scenarios").joinpath(name)))
+    return Path(str(resources.files("fleetprobe.scenarios").joinpath(name)))
 
 
 def find_scenario(path: Path) -> Path:
@@ -54,15 +54,15 @@ async def run_demo(
 ) -> int:
     """Run the demo (or ``scenario``) against the testbed with its stages set by ``knobs``;
     return the run's exit code."""
-    from fleetprobe.run import RunOptions, run_scenario
-    from fleetprobe.scenario import load_scenario
+    from fleetprobe.app.run import RunOptions, run_scenario
+    from fleetprobe.app.scenario import load_scenario
 
     async with AsyncExitStack() as stack:
         if mosquitto_path():
             broker = stack.enter_context(MosquittoProcess())
             host, port, kind = broker.host, broker.port, "mosquitto"
         else:
-            from testbed.broker import EmbeddedBroker
+            from fleetprobe.testbed.broker import EmbeddedBroker
 
             embedded = await stack.enter_async_context(EmbeddedBroker(host="127.0.0.1", port=0))
             host, port, kind = "127.0.0.1", embedded.port, "embedded broker"

@@ -10,15 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from exporters.junit import JudgedObjective, write_junit
-from exporters.report import build_report, write_json
-from exporters.results import ResultBook
-from exporters.saturation import summary_lines
-from exporters.summary import render_summary
-from fleetprobe.exit_codes import ExitCode
-from fleetprobe.objectives import Outcome, evaluate
-from fleetprobe.outcomes import ExpectedOutcome
-from fleetprobe.scenario.models import Scenario
+from fleetprobe.app.exit_codes import ExitCode
+from fleetprobe.app.objectives import Outcome, evaluate
+from fleetprobe.app.outcomes import ExpectedOutcome
+from fleetprobe.app.scenario.models import Scenario
+from fleetprobe.exporters.junit import JudgedObjective, write_junit
+from fleetprobe.exporters.report import build_report, write_json
+from fleetprobe.exporters.results import ResultBook
+from fleetprobe.exporters.saturation import summary_lines
+from fleetprobe.exporters.summary import render_summary
 
 
 @dataclass

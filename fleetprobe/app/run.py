@@ -19,39 +19,40 @@ from typing import Any, TextIO
 import simpy
 from prometheus_client import CollectorRegistry
 
-from exporters.alerts import AlertSender
-from exporters.fault_timeline import render_fault_timeline
-from exporters.health import HealthMonitor, HealthPolicy
-from exporters.links import LinkCollector
-from exporters.live import LiveView
-from exporters.metrics import ProbeMetrics, export_objectives
-from exporters.queues import QueueCollector
-from exporters.results import ResultBook
-from exporters.saturation import SaturationWatch
-from exporters.server import make_metrics_app
-from exporters.traces import TraceLog
-from faults.backends import BackendError
-from fleetprobe.conclusion import RunRecord, RunResult, conclude
-from fleetprobe.emitter import Emitter
-from fleetprobe.exit_codes import ExitCode
-from fleetprobe.fault_rig import FaultRig
-from fleetprobe.interruption import INTERRUPT_DRAIN_S, Interruption, linger_for_last_scrape
-from fleetprobe.outcomes import SignalLedger, judge
-from fleetprobe.plan import make_plan
-from fleetprobe.scenario import LoadedScenario
-from fleetprobe.scenario.models import Scenario
-from probes.chains import FollowedSignal
-from probes.observers import Observer, ObserverContext, ObserverSetupError, hop_kinds
-from probes.tracker import CAPACITY as TRACKER_CAPACITY
-from probes.tracker import Tracker, sweep_deadlines
-from simulator.clock import FleetClock
-from simulator.fleet import Vehicle, build_fleet, shard_of_trace_id
-from simulator.publisher import MqttPublisher, iso_utc
-from transport.errors import ConnectError, TransportError
-from transport.http import HttpClient
-from transport.links import LinkStats
-from transport.queues import QueueState
-from transport.servers import ListenError, serve, split_listen
+from fleetprobe.app.conclusion import RunRecord, RunResult, conclude
+from fleetprobe.app.emitter import Emitter
+from fleetprobe.app.exit_codes import ExitCode
+from fleetprobe.app.fault_rig import FaultRig
+from fleetprobe.app.interruption import INTERRUPT_DRAIN_S, Interruption, linger_for_last_scrape
+from fleetprobe.app.outcomes import SignalLedger, judge
+from fleetprobe.app.plan import make_plan
+from fleetprobe.app.scenario import LoadedScenario
+from fleetprobe.app.scenario.models import Scenario
+from fleetprobe.core.queues import QueueState
+from fleetprobe.core.times import iso_utc
+from fleetprobe.exporters.alerts import AlertSender
+from fleetprobe.exporters.fault_timeline import render_fault_timeline
+from fleetprobe.exporters.health import HealthMonitor, HealthPolicy
+from fleetprobe.exporters.links import LinkCollector
+from fleetprobe.exporters.live import LiveView
+from fleetprobe.exporters.metrics import ProbeMetrics, export_objectives
+from fleetprobe.exporters.queues import QueueCollector
+from fleetprobe.exporters.results import ResultBook
+from fleetprobe.exporters.saturation import SaturationWatch
+from fleetprobe.exporters.server import make_metrics_app
+from fleetprobe.exporters.traces import TraceLog
+from fleetprobe.faults.backends import BackendError
+from fleetprobe.probes.chains import FollowedSignal
+from fleetprobe.probes.observers import Observer, ObserverContext, ObserverSetupError, hop_kinds
+from fleetprobe.probes.tracker import CAPACITY as TRACKER_CAPACITY
+from fleetprobe.probes.tracker import Tracker, sweep_deadlines
+from fleetprobe.simulator.clock import FleetClock
+from fleetprobe.simulator.fleet import Vehicle, build_fleet, shard_of_trace_id
+from fleetprobe.simulator.publisher import MqttPublisher
+from fleetprobe.transport.errors import ConnectError, TransportError
+from fleetprobe.transport.http import HttpClient
+from fleetprobe.transport.links import LinkStats
+from fleetprobe.transport.servers import ListenError, serve, split_listen
 
 log = logging.getLogger("fleetprobe")
 

@@ -11,8 +11,8 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from fleetprobe.scenario.faults import ExpectConfig
-from probes.chains import ChainSpec, FollowedSignal, Verdict
+from fleetprobe.app.scenario.faults import ExpectConfig
+from fleetprobe.probes.chains import ChainSpec, FollowedSignal, Verdict
 
 OK_RESULTS = ("ok", "superseded")
 

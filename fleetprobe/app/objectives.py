@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from exporters.results import ChainBook, ResultBook
-from exporters.stats import QUANTILES, Samples
-from fleetprobe.scenario.models import ObjectiveConfig
+from fleetprobe.app.scenario.models import ObjectiveConfig
+from fleetprobe.exporters.results import ChainBook, ResultBook
+from fleetprobe.exporters.stats import QUANTILES, Samples
 
 
 @dataclass(frozen=True)

@@ -24,15 +24,16 @@ from pydantic import (
     model_validator,
 )
 
-from fleetprobe.scenario.faults import ExpectConfig, FaultsConfig
-from fleetprobe.scenario.messages import NAME_PATTERN
-from probes.config import Duration, PathText, parse_duration
-from probes.observers import hop_kinds
-from simulator.fleet import SIGNAL_FIELDS, TOPIC_FIELDS
-from simulator.templates import PayloadTemplate, TemplateError, TextTemplate
-from transport.mqtt import parse_broker_url
-from transport.servers import split_listen
-from transport.topics import check_topic_name
+from fleetprobe.app.scenario.faults import ExpectConfig, FaultsConfig
+from fleetprobe.app.scenario.messages import NAME_PATTERN
+from fleetprobe.core.durations import Duration, parse_duration
+from fleetprobe.probes.json_paths import PathText
+from fleetprobe.probes.observers import hop_kinds
+from fleetprobe.simulator.fleet import SIGNAL_FIELDS, TOPIC_FIELDS
+from fleetprobe.simulator.templates import PayloadTemplate, TemplateError, TextTemplate
+from fleetprobe.transport.mqtt import parse_broker_url
+from fleetprobe.transport.servers import split_listen
+from fleetprobe.transport.topics import check_topic_name
 
 PositiveDuration = Annotated[Duration, Field(gt=0)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]

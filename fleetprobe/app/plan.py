@@ -6,13 +6,20 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetprobe.scenario.models import HopBase, Scenario
-from probes.chains import ChainSpec, Expectation, HopSpec
-from probes.observers import WatchedHop
-from simulator.fleet import SIGNAL_FIELDS, TOPIC_FIELDS, Area, Cadence, FleetSpec, Profile
-from simulator.publisher import SignalSpec
-from simulator.templates import PayloadTemplate, TextTemplate
-from transport.mqtt import BrokerTarget, make_tls_context, parse_broker_url
+from fleetprobe.app.scenario.models import HopBase, Scenario
+from fleetprobe.probes.chains import ChainSpec, Expectation, HopSpec
+from fleetprobe.probes.observers import WatchedHop
+from fleetprobe.simulator.fleet import (
+    SIGNAL_FIELDS,
+    TOPIC_FIELDS,
+    Area,
+    Cadence,
+    FleetSpec,
+    Profile,
+)
+from fleetprobe.simulator.publisher import SignalSpec
+from fleetprobe.simulator.templates import PayloadTemplate, TextTemplate
+from fleetprobe.transport.mqtt import BrokerTarget, make_tls_context, parse_broker_url
 
 
 @dataclass(frozen=True)

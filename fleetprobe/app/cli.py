@@ -11,12 +11,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fleetprobe.exit_codes import ExitCode
-from fleetprobe.scenario import ScenarioError, load_scenario
-from fleetprobe.scenario.models import Scenario
-from probes.config import parse_duration
-from testbed import cli as testbed_cli
-from transport.servers import split_listen
+from fleetprobe.app.exit_codes import ExitCode
+from fleetprobe.app.scenario import ScenarioError, load_scenario
+from fleetprobe.app.scenario.models import Scenario
+from fleetprobe.core.durations import parse_duration
+from fleetprobe.testbed import cli as testbed_cli
+from fleetprobe.transport.servers import split_listen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("transport.mqtt").setLevel(logging.WARNING)
+    logging.getLogger("fleetprobe.transport.mqtt").setLevel(logging.WARNING)
     try:
         code: int = args.command(args)
         return code
@@ -43,8 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fleetprobe.run import RunOptions, run_scenario
-    from fleetprobe.workers import run_workers
+    from fleetprobe.app.run import RunOptions, run_scenario
+    from fleetprobe.app.workers import run_workers
 
     if args.workers > 1 and args.shard != (0, 1):
         raise ValueError(
@@ -89,8 +89,8 @@ def _schema(_args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from testbed.demo import run_demo
-    from testbed.knobs import StageKnobs
+    from fleetprobe.app.demo import run_demo
+    from fleetprobe.testbed.knobs import StageKnobs
 
     knobs = {
         "gateway": StageKnobs(delay_s=args.gateway_delay),
@@ -107,9 +107,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    from faults.api import serve_until_stopped
-    from faults.proxy import ProxyError, ProxySet
-    from transport.servers import ListenError
+    from fleetprobe.faults.api import serve_until_stopped
+    from fleetprobe.faults.proxy import ProxyError, ProxySet
+    from fleetprobe.transport.servers import ListenError
 
     async def serve(config: list[dict[str, object]]) -> int:
         proxies = ProxySet(seed=args.seed)

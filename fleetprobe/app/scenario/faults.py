@@ -20,10 +20,11 @@ from pydantic import (
     model_validator,
 )
 
-from faults.toxics import Attributes, Toxic
-from fleetprobe.scenario.messages import error_message
-from probes.config import Duration, parse_duration
-from transport.servers import split_listen
+from fleetprobe.app.scenario.messages import error_message
+from fleetprobe.core.durations import Duration, parse_duration
+from fleetprobe.core.errors import FleetprobeError
+from fleetprobe.faults.toxics import Attributes, Toxic
+from fleetprobe.transport.servers import split_listen
 
 Ratio = Annotated[float, Field(gt=0, le=1)]
 NonNegativeDuration = Annotated[Duration, Field(ge=0)]
@@ -31,7 +32,7 @@ PositiveDuration = Annotated[Duration, Field(gt=0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$", max_length=64)]
 
 
-class FaultError(ValueError):
+class FaultError(FleetprobeError, ValueError):
     """A problem with one key of a fault entry; ``path`` leads to it from the entry."""
 
     def __init__(self, message: str, path: tuple[str | int, ...]) -> None:

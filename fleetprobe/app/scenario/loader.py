@@ -19,12 +19,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from fleetprobe.scenario.checks import cross_check
-from fleetprobe.scenario.interpolation import interpolate
-from fleetprobe.scenario.messages import error_message
-from fleetprobe.scenario.models import Scenario
-from fleetprobe.scenario.yaml_tree import YamlTree, read_yaml
-from transport.errors import FleetprobeError
+from fleetprobe.app.scenario.checks import cross_check
+from fleetprobe.app.scenario.interpolation import interpolate
+from fleetprobe.app.scenario.messages import error_message
+from fleetprobe.app.scenario.models import Scenario
+from fleetprobe.app.scenario.yaml_tree import YamlTree, read_yaml
+from fleetprobe.core.errors import FleetprobeError
 
 MAX_SCENARIO_BYTES = 1 << 20
 

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fleetprobe.scenario.faults import target_of
-from fleetprobe.scenario.models import Scenario
-from transport.mqtt import make_tls_context
+from fleetprobe.app.scenario.faults import target_of
+from fleetprobe.app.scenario.models import Scenario
+from fleetprobe.transport.mqtt import make_tls_context
 
 Finding = tuple[tuple[str | int, ...], str]
 

@@ -6,14 +6,14 @@ import asyncio
 from collections import defaultdict
 from typing import Any
 
-from exporters.metrics import ProbeMetrics
-from exporters.results import ResultBook
-from probes.tracker import Tracker
-from simulator.faults import FleetFaults, Held, malform
-from simulator.fleet import Emission
-from simulator.publisher import READY_WAIT_S, MqttPublisher, Outgoing
-from transport.errors import SendError
-from transport.queues import QueueState
+from fleetprobe.core.queues import QueueState
+from fleetprobe.exporters.metrics import ProbeMetrics
+from fleetprobe.exporters.results import ResultBook
+from fleetprobe.probes.tracker import Tracker
+from fleetprobe.simulator.faults import FleetFaults, Held, malform
+from fleetprobe.simulator.fleet import Emission
+from fleetprobe.simulator.publisher import READY_WAIT_S, MqttPublisher, Outgoing
+from fleetprobe.transport.errors import SendError
 
 MAX_UNACKED = 1_000
 MAX_WAITING = 100_000
