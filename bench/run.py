@@ -49,6 +49,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fleetprobe.core.events import RunEvents  # noqa: E402
 from fleetprobe.exporters.saturation import LAG_LIMIT_S  # noqa: E402
 from fleetprobe.testbed.mosquitto import MosquittoProcess  # noqa: E402
 from fleetprobe.transport.mqtt import BrokerTarget, MqttSession  # noqa: E402
@@ -519,11 +520,10 @@ _INFLIGHT_PROBE = """
 import gc, os, sys
 from fleetprobe.probes.chains import ChainSpec, HopSpec
 from fleetprobe.probes.tracker import Tracker
-class Quiet:
-    def __getattr__(self, name): return lambda *a: None
+from fleetprobe.core.events import RunEvents
 count = int(sys.argv[1])
 chain = ChainSpec("c", "telemetry", (HopSpec("broker", 2.0), HopSpec("gateway", 2.0)))
-tracker = Tracker([chain], Quiet())
+tracker = Tracker([chain], RunEvents())
 ids = [f"{i:032x}" for i in range(count)]
 vins = [f"WFP{i % 10000:013d}" for i in range(count)]
 def rss():
@@ -587,8 +587,8 @@ def bench_scrape() -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 
-class _Verdicts:
-    """The tracker's listener for the observer benchmarks: counts verdicts, sets ``done``."""
+class _Verdicts(RunEvents):
+    """The run's events for the observer benchmarks: counts verdicts, sets ``done``."""
 
     def __init__(self, expected: int) -> None:
         self.expected = expected
@@ -596,14 +596,11 @@ class _Verdicts:
         self.judged = 0
         self.done = asyncio.Event()
 
-    def on_verdict(self, signal: Any) -> None:
+    def verdict(self, followed: Any) -> None:
         self.judged += 1
-        self.ok += signal.verdict.value == "ok"
+        self.ok += followed.verdict.value == "ok"
         if self.judged == self.expected:
             self.done.set()
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *args: None  # retired, duplicates, unmatched, poll errors: not counted
 
 
 _WEBHOOK_LOAD = """

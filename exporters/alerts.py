@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter
 
+from fleetprobe.core.events import HealthChange, RunEvents
 from fleetprobe.core.queues import QueueState
 from fleetprobe.core.times import iso_utc
-from fleetprobe.exporters.health import HealthChange
 from fleetprobe.transport.http import HttpClient, HttpError
 
 log = logging.getLogger("fleetprobe.alerts")
@@ -53,8 +53,9 @@ class _Notification:
     hop: str
 
 
-class AlertSender:
-    """Posts health changes to webhook receivers (Alertmanager webhook payload, version 4).
+class AlertSender(RunEvents):
+    """Posts health changes to webhook receivers (Alertmanager webhook payload, version 4):
+    a sink of the run's health changes.
 
     Args:
         urls: every change goes to each of them.
@@ -120,7 +121,7 @@ class AlertSender:
         """The notification queue: waiting, its bound, changes dropped when it was full."""
         return QueueState(self._queue.qsize(), self._queue.maxsize, self.dropped)
 
-    def notify(self, change: HealthChange) -> None:
+    def health_changed(self, change: HealthChange) -> None:
         """Queue an alert for ``change``; never blocks. Over the queue limit: drop, count."""
         notification = self._notification(change)
         try:

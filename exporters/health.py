@@ -20,16 +20,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from fleetprobe.core.times import iso_utc
-from fleetprobe.probes.chains import SKIPPED, ChainSpec, FollowedSignal, HopResult, Verdict
+from fleetprobe.core.events import HealthChange, RunEvents
+from fleetprobe.core.results import HOP_OK, PENDING, SKIPPED, FollowedSignal, Verdict
+from fleetprobe.probes.chains import ChainSpec
 
 log = logging.getLogger("fleetprobe.health")
 
 MAX_RECENT_LATENCIES = 10_000
-_OK_RESULTS = frozenset({HopResult.OK.value, HopResult.SUPERSEDED.value})
 # Results that are no sample at all: a failure owed to an earlier hop, or no result yet
 # (an aborted signal's unjudged hop).
-_NOT_SAMPLES = frozenset({SKIPPED, "pending"})
+_NOT_SAMPLES = frozenset({SKIPPED, PENDING})
 
 
 @dataclass(frozen=True)
@@ -54,57 +54,6 @@ class HealthPolicy:
             raise ValueError(f"min_success_ratio must be in [0, 1], got {self.min_success_ratio}")
         if self.min_samples < 1:
             raise ValueError(f"min_samples must be at least 1, got {self.min_samples}")
-
-
-@dataclass(frozen=True)
-class HealthChange:
-    """A hop went up or down.
-
-    Attributes:
-        chain: the chain's name.
-        hop: the hop's name.
-        up: the hop's new state.
-        at_wall_ns: when the change was found, on the wall clock.
-        success_ratio: the share of ok results in the window at that moment.
-        samples: how many results the window held.
-        first_failing_hop: the first hop of the chain, in chain order, that was down after
-            this evaluation (the root of a cascade), or None.
-        window_s: the window the ratio is over.
-        objective: the ratio a hop needs to be up.
-    """
-
-    chain: str
-    hop: str
-    up: bool
-    at_wall_ns: int
-    success_ratio: float
-    samples: int
-    first_failing_hop: str | None
-    window_s: float
-    objective: float
-
-    def describe(self) -> str:
-        """One line for a log or an alert, e.g. ``hop c > api is DOWN: 61.0% ok ...``."""
-        return (
-            f"hop {self.chain} > {self.hop} is {'UP' if self.up else 'DOWN'}: "
-            f"{self.success_ratio:.1%} ok over the last {self.window_s:g}s "
-            f"(objective {self.objective:.1%}); "
-            f"first failing hop: {self.first_failing_hop or 'none'}"
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict, with the time in ISO-8601 UTC."""
-        return {
-            "chain": self.chain,
-            "hop": self.hop,
-            "state": "up" if self.up else "down",
-            "at": iso_utc(self.at_wall_ns),
-            "success_ratio": round(self.success_ratio, 6),
-            "samples": self.samples,
-            "window_s": self.window_s,
-            "objective": self.objective,
-            "first_failing_hop": self.first_failing_hop,
-        }
 
 
 class HopHealth:
@@ -182,10 +131,10 @@ class HopHealth:
         return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-class HealthMonitor:
+class HealthMonitor(RunEvents):
     """The health of every hop of every chain, and its changes.
 
-    Feed it every judged signal (:meth:`record`) and call :meth:`evaluate` now and then
+    A sink of the run's verdicts (or fed by :meth:`record`); call :meth:`evaluate` now and then
     (every second is plenty); it returns what changed since the last call.
 
     Args:
@@ -224,6 +173,9 @@ class HealthMonitor:
         """The window of one hop (for a live view: ratio, samples, recent quantiles)."""
         return self._hops[chain_index][hop_index]
 
+    def verdict(self, followed: FollowedSignal) -> None:
+        self.record(followed, time.monotonic_ns())
+
     def record(self, followed: FollowedSignal, now_ns: int) -> None:
         """Add each hop's counted result of a judged signal, at monotonic ``now_ns``.
 
@@ -236,7 +188,7 @@ class HealthMonitor:
             counted = followed.counted_result(hop_index)
             if counted in _NOT_SAMPLES:
                 continue
-            ok = counted in _OK_RESULTS
+            ok = counted in HOP_OK
             health.record(now_ns, ok, followed.latency_s(hop_index) if ok else None)
 
     def evaluate(self, now_ns: int, wall_ns: int | None = None) -> list[HealthChange]:

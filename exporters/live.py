@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+from fleetprobe.core.results import HOP_FAILED, HOP_OK
 from fleetprobe.exporters.health import HealthMonitor
 from fleetprobe.exporters.results import ResultBook
 from fleetprobe.exporters.stats import format_ms
@@ -24,7 +25,6 @@ log = logging.getLogger("fleetprobe")
 REDRAW_EVERY_S = 1.0
 PLAIN_EVERY_S = 10.0
 EVENT_LINES = 6
-_FAILURES = ("timeout", "invalid", "out_of_order")
 
 
 class LiveView:
@@ -114,9 +114,10 @@ class LiveView:
             for h, (spec, hop) in enumerate(zip(chain.spec.hops, chain.hops, strict=True)):
                 window = self.health.hop(c, h)
                 ratio = window.success_ratio
-                failed = sum(hop.results[r] for r in _FAILURES)
+                ok = sum(hop.results[r] for r in HOP_OK)
+                failed = sum(hop.results[r] for r in HOP_FAILED)
                 lines.append(
-                    f"    {spec.name:<16}{hop.results['ok']:>8}{failed:>8}"
+                    f"    {spec.name:<16}{ok:>8}{failed:>8}"
                     f"{'-' if ratio is None else f'{ratio:.1%}':>9}"
                     f"{format_ms(window.recent_quantile(0.5)):>10}{format_ms(window.recent_quantile(0.99)):>10}"
                     f"  {'up' if window.up else 'DOWN'}"

@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from fleetprobe.probes.chains import SKIPPED, ChainSpec, FollowedSignal, HopResult, Verdict
+from fleetprobe.core.events import RunEvents
+from fleetprobe.core.results import COUNTED_RESULTS, UNSENT, FollowedSignal, HopResult, Verdict
+from fleetprobe.probes.chains import ChainSpec
 
 # From 1 ms to 60 s: the span between a broker hop on loopback and a slow webhook.
 LATENCY_BUCKETS = (
@@ -34,17 +36,17 @@ LATENCY_BUCKETS = (
 )
 # Emission lag is judged at 10 ms; finer buckets below it.
 LAG_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0)
-COUNTED_RESULTS = (*(r.value for r in HopResult), SKIPPED)
 
 
-class ProbeMetrics:
-    """Every fleetprobe metric for one scenario.
+class ProbeMetrics(RunEvents):
+    """Every fleetprobe metric of the run's events, for one scenario: a sink of the run.
 
     Args:
         registry: where the metrics live (a fresh one per run; never the global one).
         scenario: the scenario name, a label on every metric.
         signals: the signal kinds that will be sent.
         chains: the chains that will be followed.
+        faults: the names of the scenario's faults (``fleetprobe_fault_active``).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class ProbeMetrics:
         scenario: str,
         signals: Sequence[str],
         chains: Sequence[ChainSpec],
+        faults: Sequence[str] = (),
     ) -> None:
         self.scenario = scenario
         self.chains = tuple(chains)
@@ -115,24 +118,27 @@ class ProbeMetrics:
             ["scenario", "chain"],
             registry=registry,
         )
-        self.unmatched = Counter(
+        self.unmatched_messages = Counter(
             "fleetprobe_unmatched",
             "Messages a hop could not match to a followed signal, by reason.",
             ["scenario", "chain", "hop", "reason"],
             registry=registry,
         )
-        self.poll_errors = Counter(
-            "fleetprobe_poll_errors",
-            "Polls of an http_poll hop that did not show a trace id, by reason.",
+        self.hop_errors = Counter(
+            "fleetprobe_hop_errors",
+            "Errors a hop's observer met on its own side (a failed poll, a refused webhook "
+            "call, ...), by a reason its hop kind defines.",
             ["scenario", "chain", "hop", "reason"],
             registry=registry,
         )
-        self.webhook_rejections = Counter(
-            "fleetprobe_webhook_rejected",
-            "Webhook calls refused (bad signature, body too large), by reason.",
-            ["scenario", "chain", "hop", "reason"],
+        self.fault_active = Gauge(
+            "fleetprobe_fault_active",
+            "1 while the fault is in force.",
+            ["scenario", "fault"],
             registry=registry,
         )
+        for fault in faults:
+            self.fault_active.labels(s, fault).set(0)
         position = Gauge(
             "fleetprobe_hop_position",
             "A hop's place in its chain (1 is the first): the order to show hops in.",
@@ -174,6 +180,7 @@ class ProbeMetrics:
         self._chain_aborted = [
             self.chain_results.labels(s, c.name, Verdict.ABORTED.value, "") for c in self.chains
         ]
+        self._chain_unsent = [self.chain_results.labels(s, c.name, UNSENT, "") for c in self.chains]
         for c in self.chains:
             for h in c.hops:
                 self.duplicates.labels(s, c.name, h.name)
@@ -184,18 +191,16 @@ class ProbeMetrics:
             self.inflight.labels(self.scenario, chain.name).set_function(_bind(count, i))
 
     def signal_sent(self, signal: str, lag_s: float | None) -> None:
-        """A signal was handed to the MQTT client ``lag_s`` after it was due (None: late
-        on purpose, as a fault of the fleet)."""
         self._sent[signal].inc()
         if lag_s is not None:
             self.emission_lag.observe(lag_s)
 
-    def send_error(self, signal: str, reason: str) -> None:
-        """A signal could not be sent."""
+    def not_sent(self, signal: str, reason: str, chains: Sequence[int]) -> None:
         self.send_errors.labels(self.scenario, signal, reason).inc()
+        for c in chains:
+            self._chain_unsent[c].inc()
 
     def verdict(self, followed: FollowedSignal) -> None:
-        """Count a judged signal: each hop's result and latency, then the chain's verdict."""
         c = followed.chain_index
         for h, result in enumerate(followed.results):
             if result is None:  # an aborted signal's unjudged hop
@@ -217,21 +222,17 @@ class ProbeMetrics:
             self._chain_aborted[c].inc()
 
     def duplicate(self, chain_index: int, hop_index: int) -> None:
-        """A hop saw a signal again."""
         chain = self.chains[chain_index]
         self.duplicates.labels(self.scenario, chain.name, chain.hops[hop_index].name).inc()
 
-    def unmatched_message(self, chain_index: int, hop_index: int, reason: str) -> None:
-        """A hop saw something it could not match."""
-        self._count(self.unmatched, chain_index, hop_index, reason)
+    def unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
+        self._count(self.unmatched_messages, chain_index, hop_index, reason)
 
-    def poll_error(self, chain_index: int, hop_index: int, reason: str) -> None:
-        """A poll showed no trace id."""
-        self._count(self.poll_errors, chain_index, hop_index, reason)
+    def hop_error(self, chain_index: int, hop_index: int, reason: str) -> None:
+        self._count(self.hop_errors, chain_index, hop_index, reason)
 
-    def webhook_rejected(self, chain_index: int, hop_index: int, reason: str) -> None:
-        """A webhook call was refused."""
-        self._count(self.webhook_rejections, chain_index, hop_index, reason)
+    def fault_changed(self, fault: str, active: bool) -> None:
+        self.fault_active.labels(self.scenario, fault).set(1 if active else 0)
 
     def _count(self, counter: Counter, chain_index: int, hop_index: int, reason: str) -> None:
         chain = self.chains[chain_index]

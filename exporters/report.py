@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fleetprobe.core.results import COUNTED_RESULTS
 from fleetprobe.exporters.results import ResultBook
-from fleetprobe.probes.chains import SKIPPED, HopResult
 
 
 def build_report(
@@ -22,7 +22,7 @@ def build_report(
     health: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict."""
-    zero_results = {r.value: 0 for r in HopResult} | {SKIPPED: 0}
+    zero_results = dict.fromkeys(COUNTED_RESULTS, 0)
     chains: dict[str, Any] = {}
     for chain in book.chains:
         chains[chain.spec.name] = {
@@ -31,6 +31,7 @@ def build_report(
             "failed": chain.verdicts["failed"],
             "aborted": chain.verdicts["aborted"],
             "unsent": chain.unsent,
+            "success_ratio": _ratio(chain.success_ratio),
             "failed_at": dict(chain.failed_at),
             "latency_s": chain.latency.summary(),
             "hops": {
@@ -40,8 +41,8 @@ def build_report(
                     "step_s": hop.step.summary(),
                     "duplicates": hop.duplicates,
                     "unmatched": dict(hop.unmatched),
-                    "poll_errors": dict(hop.poll_errors),
-                    "webhook_rejected": dict(hop.webhook_rejected),
+                    "errors": dict(hop.errors),
+                    "success_ratio": _ratio(hop.success_ratio),
                 }
                 for spec, hop in zip(chain.spec.hops, chain.hops, strict=True)
             },
@@ -65,6 +66,10 @@ def build_report(
         "objectives": objectives or [],
         "health": health or [],
     }
+
+
+def _ratio(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
 
 def write_json(path: str | Path, document: dict[str, Any]) -> None:

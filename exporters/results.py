@@ -6,8 +6,16 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from fleetprobe.core.events import RunEvents
+from fleetprobe.core.results import (
+    FollowedSignal,
+    HopResult,
+    Verdict,
+    chain_success_ratio,
+    hop_success_ratio,
+)
 from fleetprobe.exporters.stats import Samples
-from fleetprobe.probes.chains import ChainSpec, FollowedSignal, HopResult, Verdict
+from fleetprobe.probes.chains import ChainSpec
 
 
 @dataclass
@@ -19,8 +27,12 @@ class HopBook:
     step: Samples = field(default_factory=Samples)
     duplicates: int = 0
     unmatched: Counter[str] = field(default_factory=Counter)
-    poll_errors: Counter[str] = field(default_factory=Counter)
-    webhook_rejected: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)  # the hop kind's own, by reason
+
+    @property
+    def success_ratio(self) -> float | None:
+        """ok / (ok + failed): :func:`~fleetprobe.core.results.hop_success_ratio`."""
+        return hop_success_ratio(self.results)
 
     def merge(self, other: HopBook) -> None:
         """Add what ``other`` recorded (the same hop, seen by another shard)."""
@@ -29,8 +41,7 @@ class HopBook:
         self.step.extend(other.step)
         self.duplicates += other.duplicates
         self.unmatched.update(other.unmatched)
-        self.poll_errors.update(other.poll_errors)
-        self.webhook_rejected.update(other.webhook_rejected)
+        self.errors.update(other.errors)
 
 
 @dataclass
@@ -48,6 +59,11 @@ class ChainBook:
     def followed(self) -> int:
         """Signals judged (every followed signal is judged once)."""
         return sum(self.verdicts.values())
+
+    @property
+    def success_ratio(self) -> float | None:
+        """ok / (ok + failed + unsent): :func:`~fleetprobe.core.results.chain_success_ratio`."""
+        return chain_success_ratio(self.verdicts["ok"], self.verdicts["failed"], self.unsent)
 
     def merge(self, other: ChainBook) -> None:
         """Add what ``other`` recorded (the same chain, followed by another shard)."""
@@ -67,14 +83,13 @@ class SignalBook:
     send_errors: Counter[str] = field(default_factory=Counter)
 
 
-class ResultBook:
-    """Records every verdict and latency of a run, exactly."""
+class ResultBook(RunEvents):
+    """Records every verdict and latency of a run, exactly: a sink of the run's events."""
 
     def __init__(self, signals: Sequence[str], chains: Sequence[ChainSpec]) -> None:
         self.signals = {name: SignalBook() for name in signals}
         self.chains = [ChainBook(c, hops=[HopBook() for _ in c.hops]) for c in chains]
         self.emission_lag = Samples()
-        self._recent_lags: list[float] = []  # since the last recent_lags(): one window
 
     def merge(self, other: ResultBook) -> None:
         """Add every count and latency of ``other``, a book of the same scenario kept by
@@ -88,24 +103,16 @@ class ResultBook:
         self.emission_lag.extend(other.emission_lag)
 
     def signal_sent(self, signal: str, lag_s: float | None) -> None:
-        """A signal was handed to the MQTT client ``lag_s`` after it was due (None: late
-        on purpose, as a fault of the fleet)."""
         self.signals[signal].sent += 1
         if lag_s is not None:
             self.emission_lag.add(lag_s)
-            self._recent_lags.append(lag_s)
 
-    def recent_lags(self) -> list[float]:
-        """The emission lags recorded since the last call (the saturation watch's window)."""
-        lags, self._recent_lags = self._recent_lags, []
-        return lags
-
-    def send_error(self, signal: str, reason: str) -> None:
-        """A signal could not be sent."""
+    def not_sent(self, signal: str, reason: str, chains: Sequence[int]) -> None:
         self.signals[signal].send_errors[reason] += 1
+        for c in chains:
+            self.chains[c].unsent += 1
 
     def verdict(self, followed: FollowedSignal) -> None:
-        """Record a judged signal."""
         book = self.chains[followed.chain_index]
         assert followed.verdict is not None
         book.verdicts[followed.verdict.value] += 1
@@ -126,21 +133,10 @@ class ResultBook:
                     hop.step.add(step)
 
     def duplicate(self, chain_index: int, hop_index: int) -> None:
-        """A hop saw a signal again."""
         self.chains[chain_index].hops[hop_index].duplicates += 1
 
-    def unsent(self, chain_index: int) -> None:
-        """A signal the chain followed could not be sent (the platform was not reachable)."""
-        self.chains[chain_index].unsent += 1
-
-    def unmatched_message(self, chain_index: int, hop_index: int, reason: str) -> None:
-        """A hop saw something it could not match."""
+    def unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
         self.chains[chain_index].hops[hop_index].unmatched[reason] += 1
 
-    def poll_error(self, chain_index: int, hop_index: int, reason: str) -> None:
-        """A poll showed no trace id."""
-        self.chains[chain_index].hops[hop_index].poll_errors[reason] += 1
-
-    def webhook_rejected(self, chain_index: int, hop_index: int, reason: str) -> None:
-        """A webhook call was refused."""
-        self.chains[chain_index].hops[hop_index].webhook_rejected[reason] += 1
+    def hop_error(self, chain_index: int, hop_index: int, reason: str) -> None:
+        self.chains[chain_index].hops[hop_index].errors[reason] += 1

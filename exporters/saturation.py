@@ -17,8 +17,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from fleetprobe.core.events import RunEvents
 from fleetprobe.core.queues import QueueState
-from fleetprobe.exporters.results import ResultBook
 from fleetprobe.exporters.stats import format_ms
 
 LAG_LIMIT_S = 0.010
@@ -46,20 +46,18 @@ cost. Other queues overflow for other reasons (``reconnect_wait``: the broker is
 ``alerts``: the receivers are slow); their overflows are counted all the same."""
 
 
-class SaturationWatch:
-    """Judges each window of the run against the prober's own limits.
+class SaturationWatch(RunEvents):
+    """Judges each window of the run against the prober's own limits; a sink of the run's
+    events (the emission lag of each signal sent).
 
     Args:
-        book: where sent signals' emission lags are recorded.
         queues: the run's bounded queues.
         registry: where the saturation metrics live.
         scenario: the scenario label.
     """
 
-    def __init__(
-        self, book: ResultBook, queues: Queues, registry: CollectorRegistry, scenario: str
-    ) -> None:
-        self._book = book
+    def __init__(self, queues: Queues, registry: CollectorRegistry, scenario: str) -> None:
+        self._recent_lags: list[float] = []  # since the last check: one window
         self._queues = queues
         self._overflowed: dict[str, int] = {}
         self._saturated_since_s: float | None = None
@@ -76,6 +74,10 @@ class SaturationWatch:
             ["scenario"],
             registry=registry,
         ).labels(scenario)
+
+    def signal_sent(self, signal: str, lag_s: float | None) -> None:
+        if lag_s is not None:
+            self._recent_lags.append(lag_s)
 
     def check(self, now_s: float, window_s: float) -> None:
         """Judge the window that ends now (``now_s`` since emission began)."""
@@ -105,7 +107,7 @@ class SaturationWatch:
                 self._last_warning_s = -math.inf
 
     def _lag_problem(self, window_s: float) -> list[str]:
-        lags = self._book.recent_lags()
+        lags, self._recent_lags = self._recent_lags, []
         late = sum(1 for lag in lags if lag > LAG_LIMIT_S)
         if not lags or late * 100 <= len(lags):  # p99 within the limit
             return []

@@ -35,7 +35,8 @@ def render_summary(book: ResultBook, scenario: str) -> str:
     for chain in book.chains:
         followed = chain.followed
         ok = chain.verdicts["ok"]
-        ratio = f"{100.0 * ok / followed:.2f}%" if followed else "-"
+        success = chain.success_ratio
+        ratio = "-" if success is None else f"{100.0 * success:.2f}%"
         lines.append("")
         lines.append(
             f"  chain {chain.spec.name} (signal {chain.spec.signal}): followed {followed}, "
@@ -62,14 +63,10 @@ def render_summary(book: ResultBook, scenario: str) -> str:
                 extras.append(
                     "unmatched " + ", ".join(f"{k} {v}" for k, v in sorted(hop.unmatched.items()))
                 )
-            for label, counts in (
-                ("poll errors", hop.poll_errors),
-                ("webhook rejected", hop.webhook_rejected),
-            ):
-                if counts:
-                    extras.append(
-                        f"{label} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-                    )
+            if hop.errors:
+                extras.append(
+                    "errors " + ", ".join(f"{k} {v}" for k, v in sorted(hop.errors.items()))
+                )
             if extras:
                 lines.append(f"      {'; '.join(extras)}")
     return "\n".join(lines)

@@ -7,16 +7,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from fleetprobe.core.events import RunEvents
+from fleetprobe.core.results import PENDING, SKIPPED, FollowedSignal
 from fleetprobe.core.times import iso_utc
-from fleetprobe.probes.chains import ChainSpec, FollowedSignal
+from fleetprobe.probes.chains import ChainSpec
 
 
 def trace_line(followed: FollowedSignal, chain: ChainSpec) -> dict[str, Any]:
-    """The trace log entry of one followed signal."""
+    """The trace log entry of one followed signal.
+
+    A hop's ``result`` is its counted result, as in every other output; a hop counted
+    ``skipped`` keeps what it saw itself in ``own_result``.
+    """
     hops: dict[str, Any] = {}
     for h, spec in enumerate(chain.hops):
-        result = followed.results[h]
-        entry: dict[str, Any] = {"result": result.value if result is not None else "pending"}
+        counted = followed.counted_result(h)
+        entry: dict[str, Any] = {"result": counted}
+        own = followed.results[h]
+        if counted == SKIPPED and own is not None:
+            entry["own_result"] = own.value
         latency, step = followed.latency_s(h), followed.step_s(h)
         if latency is not None:
             entry["latency_s"] = round(latency, 7)
@@ -27,7 +36,7 @@ def trace_line(followed: FollowedSignal, chain: ChainSpec) -> dict[str, Any]:
         if followed.details and h in followed.details:
             entry["detail"] = followed.details[h]
         hops[spec.name] = entry
-    verdict = followed.verdict.value if followed.verdict is not None else "pending"
+    verdict = followed.verdict.value if followed.verdict is not None else PENDING
     failed_hop = chain.hops[followed.failed_hop].name if followed.failed_hop is not None else None
     return {
         "trace_id": followed.trace_id,
@@ -42,8 +51,9 @@ def trace_line(followed: FollowedSignal, chain: ChainSpec) -> dict[str, Any]:
     }
 
 
-class TraceLog:
-    """Appends trace lines to a file; a context manager that flushes on exit."""
+class TraceLog(RunEvents):
+    """Appends the line of each retired signal to a file: a sink of the run's events, and a
+    context manager that flushes on exit."""
 
     def __init__(self, path: str | Path, chains: Sequence[ChainSpec]) -> None:
         self.path = Path(path)
@@ -60,7 +70,7 @@ class TraceLog:
             self._file.close()
             self._file = None
 
-    def write(self, followed: FollowedSignal) -> None:
+    def retired(self, followed: FollowedSignal) -> None:
         """Append the line of a retired signal."""
         if self._file is None:
             raise RuntimeError("TraceLog used outside 'with'")

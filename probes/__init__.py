@@ -1,22 +1,6 @@
 """Following signals: the tracker, trace-id extraction and the observers of each hop kind."""
 
-from fleetprobe.probes.chains import (
-    ChainSpec,
-    Expectation,
-    FollowedSignal,
-    HopResult,
-    HopSpec,
-    Verdict,
-)
-from fleetprobe.probes.tracker import Tracker, TrackerListener
+from fleetprobe.probes.chains import ChainSpec, Expectation, HopSpec
+from fleetprobe.probes.tracker import Tracker
 
-__all__ = [
-    "ChainSpec",
-    "Expectation",
-    "FollowedSignal",
-    "HopResult",
-    "HopSpec",
-    "Tracker",
-    "TrackerListener",
-    "Verdict",
-]
+__all__ = ["ChainSpec", "Expectation", "HopSpec", "Tracker"]

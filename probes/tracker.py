@@ -1,9 +1,11 @@
 """The tracker: the table of signals in flight, their deadlines, and their verdicts.
 
 Observers report what they saw (:meth:`Tracker.observe`); the tracker alone judges order,
-expectations and deadlines. Each hop has a FIFO queue of the signals that wait for it.
-Signals are followed in send order and a hop's ``within`` is the same for all of them, so
-each queue is sorted by deadline: expiring is O(1) per signal, with no timer per signal.
+expectations and deadlines, and emits what it finds as run events (a verdict, a retired
+signal, a duplicate, an unmatched message). Each hop has a FIFO queue of the signals that
+wait for it. Signals are followed in send order and a hop's ``within`` is the same for all
+of them, so each queue is sorted by deadline: expiring is O(1) per signal, with no timer
+per signal.
 
 A signal's verdict is given as soon as every hop has a result; the signal stays in the
 table until its chain's last deadline, so a repeat sighting still counts as a duplicate,
@@ -16,9 +18,11 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
-from fleetprobe.probes.chains import FAILURES, ChainSpec, FollowedSignal, HopResult, Verdict
+from fleetprobe.core.events import RunEvents
+from fleetprobe.core.results import FAILURES, FollowedSignal, HopResult, Verdict
+from fleetprobe.probes.chains import ChainSpec
 from fleetprobe.probes.trace_ids import LATE, MISSING, UNKNOWN_TRACE_ID
 
 CAPACITY = 2_000_000
@@ -30,30 +34,13 @@ of one stage (a state topic and a state API) are seen by different means, pollin
 them, so their sightings can swap by a few milliseconds without anything being wrong."""
 
 
-class TrackerListener(Protocol):
-    """Where the tracker's findings go (metrics, reports, the trace log)."""
-
-    def on_verdict(self, signal: FollowedSignal) -> None:
-        """``signal`` is judged: every hop has a result (or the run was interrupted and its
-        verdict is ``aborted``)."""
-
-    def on_retired(self, signal: FollowedSignal) -> None:
-        """``signal`` leaves the table; nothing about it changes after this."""
-
-    def on_duplicate(self, chain_index: int, hop_index: int) -> None:
-        """A hop saw a signal again."""
-
-    def on_unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
-        """A hop saw something it cannot match to a followed signal."""
-
-
 class Tracker:
     """Follows signals through the hops of every chain."""
 
     def __init__(
         self,
         chains: Sequence[ChainSpec],
-        listener: TrackerListener,
+        events: RunEvents,
         owns: Callable[[str], bool] | None = None,
         capacity: int = CAPACITY,
         counts_anonymous: bool = True,
@@ -66,7 +53,7 @@ class Tracker:
         self.chains = tuple(chains)
         self.capacity = capacity
         self._counts_anonymous = counts_anonymous
-        self._listener = listener
+        self._events = events
         self._owns = owns
         self._tables: list[dict[str, FollowedSignal]] = [{} for _ in self.chains]
         self._within_ns = [[round(h.within_s * 1e9) for h in c.hops] for c in self.chains]
@@ -164,11 +151,11 @@ class Tracker:
             self._count_duplicate(followed, hop_index)
             return
         if followed.results[hop_index] is not None:
-            self._listener.on_unmatched(chain_index, hop_index, LATE)
+            self._events.unmatched(chain_index, hop_index, LATE)
             return
         if seen_ns >= followed.sent_ns + self._within_ns[chain_index][hop_index]:
             # Seen after its deadline but before the sweep got to it: still a timeout.
-            self._listener.on_unmatched(chain_index, hop_index, LATE)
+            self._events.unmatched(chain_index, hop_index, LATE)
             self._set_result(followed, hop_index, HopResult.TIMEOUT)
             return
         # A poll answer back-dated by its wait for a connection can predate a signal sent
@@ -196,7 +183,7 @@ class Tracker:
     def unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
         """A hop saw something it could not read a trace id from."""
         if self._counts_anonymous:
-            self._listener.on_unmatched(chain_index, hop_index, reason)
+            self._events.unmatched(chain_index, hop_index, reason)
 
     def expire(self, now_ns: int) -> None:
         """Time out every hop whose deadline has passed, and retire finished signals."""
@@ -235,7 +222,7 @@ class Tracker:
             for followed in list(table.values()):
                 if followed.verdict is None:
                     followed.verdict = Verdict.ABORTED
-                    self._listener.on_verdict(followed)
+                    self._events.verdict(followed)
                 self._retire(followed)
         for queues in self._queues:
             for queue in queues:
@@ -290,7 +277,7 @@ class Tracker:
                 break
         else:
             followed.verdict = Verdict.OK
-        self._listener.on_verdict(followed)
+        self._events.verdict(followed)
 
     def _retire(self, followed: FollowedSignal) -> None:
         c = followed.chain_index
@@ -299,7 +286,7 @@ class Tracker:
         forget_at_ns = followed.sent_ns + 2 * self._within_ns[c][-1]
         self._retired[c][followed.trace_id] = forget_at_ns
         self._retired_order[c].append((forget_at_ns, followed.trace_id))
-        self._listener.on_retired(followed)
+        self._events.retired(followed)
 
     def _forget_retired(self, now_ns: int) -> None:
         for retired, order in zip(self._retired, self._retired_order, strict=True):
@@ -310,7 +297,7 @@ class Tracker:
         if followed.duplicates is None:
             followed.duplicates = {}
         followed.duplicates[hop_index] = followed.duplicates.get(hop_index, 0) + 1
-        self._listener.on_duplicate(followed.chain_index, hop_index)
+        self._events.duplicate(followed.chain_index, hop_index)
 
     def _not_followed(self, chain_index: int, hop_index: int, trace_id: str) -> None:
         # Ids of other chains, or of signals this chain does not sample, are not ours to count.
@@ -321,7 +308,7 @@ class Tracker:
         if self._owns is not None and not self._owns(trace_id):
             return
         late = trace_id in self._retired[chain_index]
-        self._listener.on_unmatched(chain_index, hop_index, LATE if late else UNKNOWN_TRACE_ID)
+        self._events.unmatched(chain_index, hop_index, LATE if late else UNKNOWN_TRACE_ID)
 
 
 async def sweep_deadlines(

@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from fleetprobe.core.events import HealthChange
 from fleetprobe.exporters.alerts import NOT_ENDED, AlertSender, fingerprint, webhook_payload
-from fleetprobe.exporters.health import HealthChange
 from fleetprobe.testbed.mosquitto import free_port
 from fleetprobe.transport.http import HttpClient
 from fleetprobe.transport.servers import serve
@@ -91,8 +91,8 @@ async def test_firing_then_resolved_pair_up_at_every_receiver() -> None:
     async with receiving(receiver) as base, HttpClient() as client:
         sender = AlertSender([f"{base}/a", f"{base}/b"], client, scenario="demo", registry=registry)
         async with sending(sender):
-            sender.notify(change(up=False))
-            sender.notify(change(up=True, at_wall_ns=WALL + 90 * S))
+            sender.health_changed(change(up=False))
+            sender.health_changed(change(up=True, at_wall_ns=WALL + 90 * S))
             assert await sender.flush(WAIT_S)
             posts = [await receiver.next_post() for _ in range(4)]
     assert [(path, body["status"]) for path, body in posts] == [
@@ -165,7 +165,7 @@ async def test_a_500_is_retried_until_it_succeeds() -> None:
     async with receiving(receiver) as base, HttpClient() as client:
         sender = AlertSender([f"{base}/a"], client, scenario="demo", backoff_s=0.01)
         async with sending(sender):
-            sender.notify(change(up=False))
+            sender.health_changed(change(up=False))
             assert await sender.flush(WAIT_S)
     assert receiver.requests == 3
     assert (sender.sent, sender.failed) == (1, 0)
@@ -177,9 +177,9 @@ async def test_retries_are_bounded_and_a_4xx_is_not_retried() -> None:
     async with receiving(receiver) as base, HttpClient() as client:
         sender = AlertSender([f"{base}/a"], client, scenario="demo", backoff_s=0.01)
         async with sending(sender) as task:
-            sender.notify(change(up=False, hop="broker"))
-            sender.notify(change(up=False, hop="api"))
-            sender.notify(change(up=True, hop="api"))
+            sender.health_changed(change(up=False, hop="broker"))
+            sender.health_changed(change(up=False, hop="api"))
+            sender.health_changed(change(up=True, hop="api"))
             assert await sender.flush(WAIT_S)
             assert not task.done()
     assert receiver.requests == 5
@@ -193,7 +193,7 @@ async def test_a_receiver_that_is_down_is_a_counted_failure() -> None:
     async with HttpClient() as client:
         sender = AlertSender([url], client, scenario="demo", backoff_s=0.01, registry=registry)
         async with sending(sender) as task:
-            sender.notify(change(up=False))
+            sender.health_changed(change(up=False))
             assert await sender.flush(WAIT_S)
             assert not task.done()
     assert (sender.sent, sender.failed, sender.dropped) == (0, 1, 0)
@@ -209,7 +209,7 @@ async def test_a_full_queue_drops_and_counts() -> None:
             ["http://127.0.0.1:1/"], client, scenario="demo", queue_limit=2, registry=registry
         )
         for n in range(5):
-            sender.notify(change(up=n % 2 == 1))
+            sender.health_changed(change(up=n % 2 == 1))
         assert (sender.pending, sender.dropped) == (2, 3)
         dropped = {"scenario": "demo", "result": "dropped"}
         assert registry.get_sample_value("fleetprobe_alerts_sent_total", dropped) == 3.0

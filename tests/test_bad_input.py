@@ -155,7 +155,7 @@ async def test_a_100_mb_answer_to_a_poll_is_read_no_further_than_its_bound(
     finally:
         await runner.cleanup()
     api = result.report["chains"]["telemetry"]["hops"]["api"]
-    assert api["poll_errors"].get("too_large", 0) > 0
+    assert api["errors"].get("too_large", 0) > 0
     assert api["results"]["timeout"] == result.report["signals"]["telemetry"]["sent"] > 0
     assert streamed and max(streamed) < 100 << 20  # nobody read the whole answer
     assert_every_signal_accounted(scenario, result.report, tmp_path / "traces.jsonl")
@@ -191,7 +191,7 @@ async def test_a_poll_follows_no_redirect_and_a_url_template_keeps_its_host(
     finally:
         await runner.cleanup()
         await other_runner.cleanup()
-    assert result.report["chains"]["telemetry"]["hops"]["api"]["poll_errors"]["http_3xx"] > 0
+    assert result.report["chains"]["telemetry"]["hops"]["api"]["errors"]["http_3xx"] > 0
     assert elsewhere == []
 
     poll["url"] = "http://{vin}.example/state"

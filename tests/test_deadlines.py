@@ -5,28 +5,24 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fleetprobe.probes.chains import ChainSpec, FollowedSignal, HopSpec
+from fleetprobe.core.events import RunEvents
+from fleetprobe.core.results import FollowedSignal
+from fleetprobe.probes.chains import ChainSpec, HopSpec
 from fleetprobe.probes.tracker import Tracker, sweep_deadlines
 
 
-class VerdictTimes:
+class VerdictTimes(RunEvents):
     """Records when each verdict was given."""
 
     def __init__(self) -> None:
         self.at_ns: dict[str, int] = {}
-        self.retired = 0
+        self.retired_count = 0
 
-    def on_verdict(self, signal: FollowedSignal) -> None:
+    def verdict(self, signal: FollowedSignal) -> None:
         self.at_ns[signal.trace_id] = time.monotonic_ns()
 
-    def on_retired(self, signal: FollowedSignal) -> None:
-        self.retired += 1
-
-    def on_duplicate(self, chain_index: int, hop_index: int) -> None:
-        pass
-
-    def on_unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
-        pass
+    def retired(self, signal: FollowedSignal) -> None:
+        self.retired_count += 1
 
 
 async def test_timeouts_are_declared_within_100ms_of_the_deadline() -> None:
@@ -47,6 +43,6 @@ async def test_timeouts_are_declared_within_100ms_of_the_deadline() -> None:
     async with asyncio.timeout(5):
         await sweeper
     lateness_s = [(times.at_ns[t] - sent[t]) / 1e9 - within_s for t in sent]
-    assert len(lateness_s) == 50 == times.retired
+    assert len(lateness_s) == 50 == times.retired_count
     assert min(lateness_s) >= 0
     assert max(lateness_s) <= 0.100

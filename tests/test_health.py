@@ -7,15 +7,10 @@ import logging
 import pytest
 from prometheus_client import CollectorRegistry
 
-from fleetprobe.exporters.health import HealthChange, HealthMonitor, HealthPolicy, HopHealth
-from fleetprobe.probes.chains import (
-    FAILURES,
-    ChainSpec,
-    FollowedSignal,
-    HopResult,
-    HopSpec,
-    Verdict,
-)
+from fleetprobe.core.events import HealthChange, RunEvents
+from fleetprobe.core.results import FAILURES, FollowedSignal, HopResult, Verdict
+from fleetprobe.exporters.health import HealthMonitor, HealthPolicy, HopHealth
+from fleetprobe.probes.chains import ChainSpec, HopSpec
 from fleetprobe.probes.tracker import Tracker
 
 T0 = 1_000_000_000_000  # a monotonic time in ns; never 0, which the tracker means "not seen"
@@ -240,20 +235,11 @@ def test_a_real_tracker_drives_the_monitor() -> None:
     health, registry = monitor(HealthPolicy(window_s=10.0, min_samples=4))
     clock = [T0]
 
-    class Listener:
+    class Listener(RunEvents):
         """Forwards verdicts to the monitor at the current fake time."""
 
-        def on_verdict(self, followed: FollowedSignal) -> None:
+        def verdict(self, followed: FollowedSignal) -> None:
             health.record(followed, clock[0])
-
-        def on_retired(self, followed: FollowedSignal) -> None:
-            pass
-
-        def on_duplicate(self, chain_index: int, hop_index: int) -> None:
-            pass
-
-        def on_unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
-            pass
 
     tracker = Tracker([CHAIN], Listener())
     for n in range(4):

@@ -15,7 +15,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from fleetprobe.probes.chains import ChainSpec, FollowedSignal, HopResult, HopSpec
+from fleetprobe.core.events import RunEvents
+from fleetprobe.core.results import FollowedSignal, HopResult
+from fleetprobe.probes.chains import ChainSpec, HopSpec
 from fleetprobe.probes.observers import ObserverContext, WatchedHop
 from fleetprobe.probes.observers.http_poll import HttpPollHop, HttpPollObserver
 from fleetprobe.probes.observers.webhook import WebhookHop, WebhookObserver
@@ -27,36 +29,26 @@ from fleetprobe.transport.servers import serve
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class Record:
-    """Listener and stats in one: what the tracker and the observer reported."""
+class Record(RunEvents):
+    """What the tracker and the observer reported: the run's events they emitted."""
 
     def __init__(self) -> None:
         self.verdicts: list[FollowedSignal] = []
-        self.poll_errors: Counter[str] = Counter()
-        self.rejected: Counter[str] = Counter()
-        self.unmatched: Counter[str] = Counter()
+        self.hop_errors: Counter[str] = Counter()
+        self.unmatched_seen: Counter[str] = Counter()
         self.judged = asyncio.Event()
         self.expected = 0
 
-    def on_verdict(self, signal: FollowedSignal) -> None:
+    def verdict(self, signal: FollowedSignal) -> None:
         self.verdicts.append(signal)
         if len(self.verdicts) >= self.expected:
             self.judged.set()
 
-    def on_retired(self, signal: FollowedSignal) -> None:
-        pass
+    def unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
+        self.unmatched_seen[reason] += 1
 
-    def on_duplicate(self, chain_index: int, hop_index: int) -> None:
-        pass
-
-    def on_unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
-        self.unmatched[reason] += 1
-
-    def poll_error(self, chain_index: int, hop_index: int, reason: str) -> None:
-        self.poll_errors[reason] += 1
-
-    def webhook_rejected(self, chain_index: int, hop_index: int, reason: str) -> None:
-        self.rejected[reason] += 1
+    def hop_error(self, chain_index: int, hop_index: int, reason: str) -> None:
+        self.hop_errors[reason] += 1
 
 
 @asynccontextmanager
@@ -136,8 +128,8 @@ async def test_polls_coalesce_to_one_request_per_vehicle_per_interval() -> None:
     assert max(len(times) for times in asked.values()) <= intervals
     assert min(len(times) for times in asked.values()) >= 2
     # Each answer is counted as "not found yet" (less those cut off when the test ends).
-    assert set(record.poll_errors) == {"not_found"}
-    assert 0.9 * sum(map(len, asked.values())) <= record.poll_errors["not_found"]
+    assert set(record.hop_errors) == {"not_found"}
+    assert 0.9 * sum(map(len, asked.values())) <= record.hop_errors["not_found"]
 
 
 async def test_a_state_api_sighting_and_latest_only_superseding() -> None:
@@ -192,7 +184,7 @@ async def test_poll_errors_are_counted_by_reason_and_the_hop_times_out() -> None
                 await record.judged.wait()
     assert {s.results[0] for s in record.verdicts} == {HopResult.TIMEOUT}
     # (a reused connection that the slow server dropped may add "connection")
-    assert {"unavailable", "not_json", "no_trace_id", "timeout"} <= set(record.poll_errors)
+    assert {"unavailable", "not_json", "no_trace_id", "timeout"} <= set(record.hop_errors)
 
 
 async def test_webhook_calls_are_matched_and_bad_signatures_refused() -> None:
@@ -230,7 +222,7 @@ async def test_webhook_calls_are_matched_and_bad_signatures_refused() -> None:
     results = {s.trace_id: s.results[0] for s in record.verdicts}
     assert statuses == [204, 401, 401, 413]
     assert results == {good: HopResult.OK, forged: HopResult.TIMEOUT}
-    assert record.rejected == Counter(bad_signature=1, missing_signature=1, too_large=1)
+    assert record.hop_errors == Counter(bad_signature=1, missing_signature=1, too_large=1)
 
 
 async def test_webhook_trace_id_from_a_header() -> None:

@@ -7,10 +7,12 @@ import time
 
 from prometheus_client import CollectorRegistry
 
+from fleetprobe.core.events import RunEvents
+from fleetprobe.core.results import FollowedSignal
 from fleetprobe.exporters.health import HealthMonitor, HealthPolicy
 from fleetprobe.exporters.live import LiveView
 from fleetprobe.exporters.results import ResultBook
-from fleetprobe.probes.chains import ChainSpec, FollowedSignal, HopSpec
+from fleetprobe.probes.chains import ChainSpec, HopSpec
 from fleetprobe.probes.tracker import Tracker
 
 CHAIN = ChainSpec("telemetry", "telemetry", (HopSpec("broker", 1.0), HopSpec("api", 2.0)))
@@ -21,19 +23,10 @@ def judged_view(interactive: bool) -> tuple[LiveView, io.StringIO]:
     book = ResultBook(["telemetry"], [CHAIN])
     health = HealthMonitor([CHAIN], HealthPolicy(window_s=30), CollectorRegistry(), "demo")
 
-    class Listener:
-        def on_verdict(self, followed: FollowedSignal) -> None:
+    class Listener(RunEvents):
+        def verdict(self, followed: FollowedSignal) -> None:
             book.verdict(followed)
             health.record(followed, time.monotonic_ns())
-
-        def on_retired(self, followed: FollowedSignal) -> None:
-            pass
-
-        def on_duplicate(self, chain_index: int, hop_index: int) -> None:
-            pass
-
-        def on_unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
-            pass
 
     tracker = Tracker([CHAIN], Listener())
     start = time.monotonic_ns()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pickle
 import random
 
+from fleetprobe.core.results import FollowedSignal, HopResult, Verdict
 from fleetprobe.exporters.results import ResultBook
 from fleetprobe.exporters.stats import Samples
-from fleetprobe.probes.chains import ChainSpec, FollowedSignal, HopResult, HopSpec, Verdict
+from fleetprobe.probes.chains import ChainSpec, HopSpec
 
 CHAIN = ChainSpec("c", "telemetry", (HopSpec("broker", 1.0), HopSpec("api", 2.0)))
 S = 1_000_000_000
@@ -32,11 +33,11 @@ def book_of(signals: list[FollowedSignal], sent: int, lags: list[float]) -> Resu
     for lag in lags:
         book.signal_sent("telemetry", lag)
     for _ in range(sent - len(lags)):
-        book.send_error("telemetry", "not_connected")
+        book.not_sent("telemetry", "not_connected", [])
     for followed in signals:
         book.verdict(followed)
     book.duplicate(0, 1)
-    book.unmatched_message(0, 0, "not_json")
+    book.unmatched(0, 0, "not_json")
     return book
 
 
@@ -46,7 +47,7 @@ def test_merged_shard_books_equal_the_book_of_all_their_signals() -> None:
     second = [judged(4, (3, 300)), judged(5, (4, 40))]
     whole = book_of(first + second, 7, [0.001, 0.002, 0.003, 0.004, 0.005])
     whole.duplicate(0, 1)
-    whole.unmatched_message(0, 0, "not_json")
+    whole.unmatched(0, 0, "not_json")
 
     merged = book_of(first, 4, [0.001, 0.002, 0.003])
     # A shard's book crosses a process boundary pickled.

@@ -13,29 +13,25 @@ from prometheus_client import CollectorRegistry
 from conftest import assert_every_signal_accounted, run_scenario_dict, scenario_dict
 from fleetprobe.app.run import RunOptions
 from fleetprobe.core.queues import QueueState
-from fleetprobe.exporters.results import ResultBook
 from fleetprobe.exporters.saturation import SaturationWatch
 
 
-def watch_over(
-    book: ResultBook, queues: dict[str, QueueState]
-) -> tuple[SaturationWatch, CollectorRegistry]:
+def watch_over(queues: dict[str, QueueState]) -> tuple[SaturationWatch, CollectorRegistry]:
     registry = CollectorRegistry()
-    return SaturationWatch(book, lambda: queues, registry, "s"), registry
+    return SaturationWatch(lambda: queues, registry, "s"), registry
 
 
 def test_a_window_with_lag_p99_over_10ms_is_saturated_and_named(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """2 late signals of 100 put p99 over the limit; 1 of 100 does not."""
-    book = ResultBook(["t"], [])
-    watch, registry = watch_over(book, {})
+    watch, registry = watch_over({})
     for lag in [0.001] * 99 + [0.020]:
-        book.signal_sent("t", lag)
+        watch.signal_sent("t", lag)
     watch.check(1.0, 1.0)
     assert registry.get_sample_value("fleetprobe_prober_saturated", {"scenario": "s"}) == 0
     for lag in [0.001] * 98 + [0.020, 0.030]:
-        book.signal_sent("t", lag)
+        watch.signal_sent("t", lag)
     with caplog.at_level(logging.WARNING, logger="fleetprobe"):
         watch.check(2.0, 1.0)
     assert registry.get_sample_value("fleetprobe_prober_saturated", {"scenario": "s"}) == 1
@@ -50,9 +46,8 @@ def test_a_queue_overflow_is_named_once_per_new_drop(
 ) -> None:
     """New overflows make the window saturated and are reported; the gauge falls back
     after three clean windows."""
-    book = ResultBook([], [])
     queues = {"mqtt_observer": QueueState(0, 100_000)}
-    watch, registry = watch_over(book, queues)
+    watch, registry = watch_over(queues)
     watch.check(1.0, 1.0)
     assert registry.get_sample_value("fleetprobe_prober_saturated", {"scenario": "s"}) == 0
     queues["mqtt_observer"] = QueueState(100_000, 100_000, 250)

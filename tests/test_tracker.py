@@ -7,14 +7,9 @@ from typing import Any
 
 import pytest
 
-from fleetprobe.probes.chains import (
-    ChainSpec,
-    Expectation,
-    FollowedSignal,
-    HopResult,
-    HopSpec,
-    Verdict,
-)
+from fleetprobe.core.events import RunEvents
+from fleetprobe.core.results import FollowedSignal, HopResult, Verdict
+from fleetprobe.probes.chains import ChainSpec, Expectation, HopSpec
 from fleetprobe.probes.trace_ids import LATE, MISSING, UNKNOWN_TRACE_ID
 from fleetprobe.probes.tracker import Tracker
 from fleetprobe.simulator.templates import TextTemplate
@@ -31,29 +26,29 @@ THREE_HOPS = ChainSpec(
 FIELDS = {"vin": "WBA00000000000001", "speed_kmh": 50, "locked": True}
 
 
-class Recorder:
-    """A TrackerListener that records every call in order."""
+class Recorder(RunEvents):
+    """A sink of the run's events that records every call in order."""
 
     def __init__(self) -> None:
         self.verdicts: list[FollowedSignal] = []
-        self.retired: list[FollowedSignal] = []
-        self.duplicates: list[tuple[int, int]] = []
-        self.unmatched: list[tuple[int, int, str]] = []
+        self.retired_signals: list[FollowedSignal] = []
+        self.duplicate_marks: list[tuple[int, int]] = []
+        self.unmatched_marks: list[tuple[int, int, str]] = []
         self.events: list[tuple[str, str]] = []
 
-    def on_verdict(self, signal: FollowedSignal) -> None:
+    def verdict(self, signal: FollowedSignal) -> None:
         self.verdicts.append(signal)
         self.events.append(("verdict", signal.trace_id))
 
-    def on_retired(self, signal: FollowedSignal) -> None:
-        self.retired.append(signal)
+    def retired(self, signal: FollowedSignal) -> None:
+        self.retired_signals.append(signal)
         self.events.append(("retired", signal.trace_id))
 
-    def on_duplicate(self, chain_index: int, hop_index: int) -> None:
-        self.duplicates.append((chain_index, hop_index))
+    def duplicate(self, chain_index: int, hop_index: int) -> None:
+        self.duplicate_marks.append((chain_index, hop_index))
 
-    def on_unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
-        self.unmatched.append((chain_index, hop_index, reason))
+    def unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
+        self.unmatched_marks.append((chain_index, hop_index, reason))
 
 
 def tid(n: int) -> str:
@@ -231,10 +226,10 @@ def test_duplicate_sighting_is_counted_and_changes_nothing() -> None:
     tracker.observe(0, 0, tid(1), T0 + 20 * MS)
     tracker.observe(0, 0, tid(1), T0 + 30 * MS, MISSING)
 
-    assert rec.duplicates == [(0, 0), (0, 0)]
+    assert rec.duplicate_marks == [(0, 0), (0, 0)]
     assert s.duplicates == {0: 2}
     assert s.results[0] is HopResult.OK and s.seen_ns[0] == T0 + 10 * MS
-    assert rec.unmatched == []
+    assert rec.unmatched_marks == []
 
 
 def test_sighting_after_timeout_is_late() -> None:
@@ -244,9 +239,9 @@ def test_sighting_after_timeout_is_late() -> None:
     tracker.expire(T0 + 1 * S)
     tracker.observe(0, 0, tid(1), T0 + 1_200 * MS)
 
-    assert rec.unmatched == [(0, 0, LATE)]
+    assert rec.unmatched_marks == [(0, 0, LATE)]
     assert s.results[0] is HopResult.TIMEOUT and s.seen_ns[0] == 0
-    assert rec.duplicates == []
+    assert rec.duplicate_marks == []
 
 
 def test_late_sighting_of_the_last_hop_is_late() -> None:
@@ -255,7 +250,7 @@ def test_late_sighting_of_the_last_hop_is_late() -> None:
     follow(tracker, tid(1))
     tracker.expire(T0 + 1 * S)
     tracker.observe(0, 0, tid(1), T0 + 1_200 * MS)
-    assert rec.unmatched == [(0, 0, LATE)]
+    assert rec.unmatched_marks == [(0, 0, LATE)]
 
 
 def test_sighting_stamped_after_the_deadline_is_not_ok() -> None:
@@ -264,7 +259,7 @@ def test_sighting_stamped_after_the_deadline_is_not_ok() -> None:
     s = follow(tracker, tid(1))
     tracker.observe(0, 0, tid(1), T0 + 1_500 * MS)  # within is 1 s; expire has not run yet
     assert s.results[0] is HopResult.TIMEOUT and s.seen_ns[0] == 0
-    assert rec.unmatched == [(0, 0, LATE)]
+    assert rec.unmatched_marks == [(0, 0, LATE)]
 
 
 def test_unknown_trace_id_is_unmatched() -> None:
@@ -272,7 +267,7 @@ def test_unknown_trace_id_is_unmatched() -> None:
     tracker, rec = make()
     follow(tracker, tid(1))
     tracker.observe(0, 2, tid(99), T0)
-    assert rec.unmatched == [(0, 2, UNKNOWN_TRACE_ID)]
+    assert rec.unmatched_marks == [(0, 2, UNKNOWN_TRACE_ID)]
 
 
 def test_id_followed_by_another_chain_is_ignored() -> None:
@@ -281,7 +276,7 @@ def test_id_followed_by_another_chain_is_ignored() -> None:
     tracker, rec = make(THREE_HOPS, other)
     follow(tracker, tid(1), chain=1)
     tracker.observe(0, 0, tid(1), T0 + 10 * MS)
-    assert rec.unmatched == [] and rec.verdicts == []
+    assert rec.unmatched_marks == [] and rec.verdicts == []
     assert tracker.inflight(0) == 0 and tracker.inflight(1) == 1
 
 
@@ -293,7 +288,7 @@ def test_id_not_sampled_by_the_chain_is_ignored() -> None:
     kept = next(tid(n) for n in range(100) if sampled.follows(tid(n)))
     tracker.observe(0, 0, skipped, T0)
     tracker.observe(0, 0, kept, T0)
-    assert rec.unmatched == [(0, 0, UNKNOWN_TRACE_ID)]
+    assert rec.unmatched_marks == [(0, 0, UNKNOWN_TRACE_ID)]
 
 
 def test_an_id_of_another_shard_is_not_this_trackers_to_count() -> None:
@@ -302,7 +297,7 @@ def test_an_id_of_another_shard_is_not_this_trackers_to_count() -> None:
     tracker = Tracker((THREE_HOPS,), recorder, owns=lambda trace_id: trace_id.endswith("1"))
     tracker.observe(0, 0, tid(2), T0)  # another shard's signal
     tracker.observe(0, 0, tid(1), T0)  # this shard's id, not followed
-    assert recorder.unmatched == [(0, 0, UNKNOWN_TRACE_ID)]
+    assert recorder.unmatched_marks == [(0, 0, UNKNOWN_TRACE_ID)]
 
 
 def test_only_the_tracker_that_counts_anonymous_messages_counts_them() -> None:
@@ -310,7 +305,7 @@ def test_only_the_tracker_that_counts_anonymous_messages_counts_them() -> None:
     counting, quiet = Recorder(), Recorder()
     Tracker((THREE_HOPS,), counting).unmatched(0, 1, "not_json")
     Tracker((THREE_HOPS,), quiet, counts_anonymous=False).unmatched(0, 1, "not_json")
-    assert (counting.unmatched, quiet.unmatched) == ([(0, 1, "not_json")], [])
+    assert (counting.unmatched_marks, quiet.unmatched_marks) == ([(0, 1, "not_json")], [])
 
 
 def test_forget_gives_no_verdict_and_no_retirement() -> None:
@@ -323,7 +318,7 @@ def test_forget_gives_no_verdict_and_no_retirement() -> None:
     assert tracker.inflight(0) == 1
 
     tracker.expire(T0 + 10 * S)
-    assert rec.verdicts == [kept] and rec.retired == [kept]
+    assert rec.verdicts == [kept] and rec.retired_signals == [kept]
     assert tracker.idle and tracker.next_deadline_ns() is None
 
 
@@ -336,13 +331,13 @@ def test_retirement_only_at_the_last_deadline_and_once() -> None:
     assert rec.verdicts == [s]
 
     tracker.expire(T0 + 3 * S - 1)
-    assert rec.retired == [] and tracker.inflight(0) == 1
+    assert rec.retired_signals == [] and tracker.inflight(0) == 1
     tracker.observe(0, 2, tid(1), T0 + 2 * S)  # still known: a duplicate, not unknown
-    assert rec.duplicates == [(0, 2)]
+    assert rec.duplicate_marks == [(0, 2)]
 
     tracker.expire(T0 + 3 * S)
     tracker.expire(T0 + 100 * S)
-    assert rec.retired == [s] and rec.events == [("verdict", tid(1)), ("retired", tid(1))]
+    assert rec.retired_signals == [s] and rec.events == [("verdict", tid(1)), ("retired", tid(1))]
     assert tracker.idle
 
 
@@ -378,11 +373,11 @@ def test_abort_all() -> None:
     assert done.verdict is Verdict.OK
     assert partial.verdict is Verdict.ABORTED and unseen.verdict is Verdict.ABORTED
     assert rec.verdicts == [done, partial, unseen]
-    assert sorted(s.trace_id for s in rec.retired) == [tid(1), tid(2), tid(3)]
+    assert sorted(s.trace_id for s in rec.retired_signals) == [tid(1), tid(2), tid(3)]
     assert tracker.idle and tracker.next_deadline_ns() is None
 
     tracker.expire(T0 + 100 * S)
-    assert len(rec.verdicts) == 3 and len(rec.retired) == 3
+    assert len(rec.verdicts) == 3 and len(rec.retired_signals) == 3
 
 
 def test_accounting_invariant_over_a_random_batch() -> None:
@@ -425,8 +420,8 @@ def test_accounting_invariant_over_a_random_batch() -> None:
         tracker.observe(chain, hop, trace_id, seen, body)
 
     assert forgotten > 0 and followed == len(sent_at)
-    assert len(rec.verdicts) == len(rec.retired) == followed
-    assert len({(s.chain_index, s.trace_id) for s in rec.retired}) == followed
+    assert len(rec.verdicts) == len(rec.retired_signals) == followed
+    assert len({(s.chain_index, s.trace_id) for s in rec.retired_signals}) == followed
     assert {(s.chain_index, s.trace_id) for s in rec.verdicts} == set(sent_at)
     for s in rec.verdicts:
         assert (s.verdict is Verdict.OK) == all(r is HopResult.OK for r in s.results)
@@ -483,4 +478,4 @@ def test_a_failed_send_after_a_sighting_keeps_the_verdict() -> None:
     tracker.observe(0, 0, tid(1), T0 + 10 * MS)
     assert tracker.forget(0, tid(1)) is False
     tracker.expire(T0 + 2 * S)
-    assert rec.verdicts == [s] and rec.retired == [s]
+    assert rec.verdicts == [s] and rec.retired_signals == [s]

@@ -85,7 +85,7 @@ async def run_demo(
         )
         # The testbed calls the webhook only when the scenario has a hop that receives it.
         receives_webhooks = any(
-            hop.kind[0] == "webhook" for chain in loaded.scenario.chains for hop in chain.hops
+            hop.kind[1].receives_webhooks for chain in loaded.scenario.chains for hop in chain.hops
         )
         hook_url = f"http://{webhook_listen}/hooks/telemetry"
         webhook = WebhookTarget(hook_url, signals=("telemetry",), secret=webhook_secret)

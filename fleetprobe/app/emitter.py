@@ -1,4 +1,5 @@
-"""From the fleet's emissions to sent, followed signals: stamp, register, publish, account."""
+"""From the fleet's emissions to sent, followed signals: stamp, register, publish, and
+emit ``signal_sent`` or ``not_sent`` for each."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import asyncio
 from collections import defaultdict
 from typing import Any
 
+from fleetprobe.core.events import RunEvents
 from fleetprobe.core.queues import QueueState
-from fleetprobe.exporters.metrics import ProbeMetrics
-from fleetprobe.exporters.results import ResultBook
 from fleetprobe.probes.tracker import Tracker
 from fleetprobe.simulator.faults import FleetFaults, Held, malform
 from fleetprobe.simulator.fleet import Emission
@@ -35,14 +35,12 @@ class Emitter:
         self,
         publisher: MqttPublisher,
         tracker: Tracker,
-        metrics: ProbeMetrics,
-        book: ResultBook,
+        events: RunEvents,
         faults: FleetFaults | None = None,
     ) -> None:
         self._publisher = publisher
         self._tracker = tracker
-        self._metrics = metrics
-        self._book = book
+        self._events = events
         self._faults = faults or FleetFaults()
         self._chains_of: dict[str, list[int]] = defaultdict(list)
         for index, chain in enumerate(tracker.chains):
@@ -142,10 +140,7 @@ class Emitter:
 
     def _not_sent(self, emission: Emission, reason: str) -> None:
         """A signal that was never handed over: a send error, and unsent where followed."""
-        for index in self._followers(emission):
-            self._book.unsent(index)
-        self._metrics.send_error(emission.signal, reason)
-        self._book.send_error(emission.signal, reason)
+        self._events.not_sent(emission.signal, reason, self._followers(emission))
 
     async def release(self, held: list[Held]) -> None:
         """Send what offline vehicles held, in the order they meant to send it."""
@@ -211,9 +206,7 @@ class Emitter:
         self._sent(outgoing, lag_s)
 
     def _sent(self, outgoing: Outgoing, lag_s: float | None) -> None:
-        signal = outgoing.emission.signal
-        self._metrics.signal_sent(signal, lag_s)
-        self._book.signal_sent(signal, lag_s)
+        self._events.signal_sent(outgoing.emission.signal, lag_s)
 
     def _send_failed(
         self, outgoing: Outgoing, lag_s: float | None, followed: list[int], reason: str
@@ -225,7 +218,4 @@ class Emitter:
         if len(forgotten) < len(followed):
             self._sent(outgoing, lag_s)
             return
-        for index in forgotten:
-            self._book.unsent(index)
-        self._metrics.send_error(outgoing.emission.signal, reason)
-        self._book.send_error(outgoing.emission.signal, reason)
+        self._events.not_sent(outgoing.emission.signal, reason, forgotten)

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from fleetprobe.app.emitter import Emitter
 from fleetprobe.app.outcomes import ExpectedOutcome, FaultTimes
 from fleetprobe.app.scenario.faults import FaultConfig, FaultsConfig, target_of
+from fleetprobe.core.events import RunEvents
 from fleetprobe.core.times import iso_utc
 from fleetprobe.faults.backends import BackendError, BuiltinBackend, ProxyBackend, ToxiproxyBackend
 from fleetprobe.faults.timeline import Timeline, Window
@@ -38,12 +39,18 @@ class FaultRig:
     Args:
         config: the scenario's ``faults``.
         scenario: the scenario's name (a metric label).
-        registry: where ``fleetprobe_fault_active`` lives.
+        registry: where ``fleetprobe_recovery_seconds`` lives.
         seed: seeds the fleet's fault draws and the proxies' randomness.
+        events: told when a fault takes effect and when it ends.
     """
 
     def __init__(
-        self, config: FaultsConfig, scenario: str, registry: CollectorRegistry, seed: int
+        self,
+        config: FaultsConfig,
+        scenario: str,
+        registry: CollectorRegistry,
+        seed: int,
+        events: RunEvents,
     ) -> None:
         self.config = config
         self.fleet = FleetFaults(seed)
@@ -53,12 +60,7 @@ class FaultRig:
         self._http: HttpClient | None = None
         self._publisher: MqttPublisher | None = None
         self._emitter: Emitter | None = None
-        self._active = Gauge(
-            "fleetprobe_fault_active",
-            "1 while the fault is in force.",
-            ["scenario", "fault"],
-            registry=registry,
-        )
+        self._events = events
         self._recovery = Gauge(
             "fleetprobe_recovery_seconds",
             "Seconds from a fault's end until the hop was ok again for good.",
@@ -66,8 +68,6 @@ class FaultRig:
             registry=registry,
         )
         self._scenario = scenario
-        for fault in config.timeline:
-            self._active.labels(scenario, fault.label).set(0)
         self.timeline = Timeline([self._window(fault) for fault in config.timeline], self._changed)
 
     async def start(self, stack: AsyncExitStack) -> None:
@@ -155,7 +155,7 @@ class FaultRig:
                 )
 
     def _changed(self, window: Window, active: bool) -> None:
-        self._active.labels(self._scenario, window.name).set(1 if active else 0)
+        self._events.fault_changed(window.name, active)
 
     def _window(self, fault: FaultConfig) -> Window:
         apply, revert = {

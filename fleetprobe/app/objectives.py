@@ -60,17 +60,12 @@ def evaluate(objectives: list[ObjectiveConfig], book: ResultBook) -> list[Outcom
 
 def _measure(chain: ChainBook, hop_name: str | None, metric: str) -> float | None:
     if hop_name is None:
-        # A signal that could not be sent failed the chain too: the platform did not take it.
-        judged = chain.verdicts["ok"] + chain.verdicts["failed"] + chain.unsent
-        ok, samples = chain.verdicts["ok"], chain.latency
+        ratio, samples = chain.success_ratio, chain.latency
     else:
-        index = [h.name for h in chain.spec.hops].index(hop_name)
-        results = chain.hops[index].results
-        ok = results["ok"] + results["superseded"]
-        judged = ok + results["timeout"] + results["invalid"] + results["out_of_order"]
-        samples = chain.hops[index].latency
+        hop = chain.hops[[h.name for h in chain.spec.hops].index(hop_name)]
+        ratio, samples = hop.success_ratio, hop.latency
     if metric == "success_ratio":
-        return ok / judged if judged else None
+        return ratio
     return _quantile(samples, metric)
 
 

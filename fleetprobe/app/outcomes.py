@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from fleetprobe.app.scenario.faults import ExpectConfig
-from fleetprobe.probes.chains import ChainSpec, FollowedSignal, Verdict
-
-OK_RESULTS = ("ok", "superseded")
+from fleetprobe.core.events import RunEvents
+from fleetprobe.core.results import HOP_OK, FollowedSignal, Verdict
+from fleetprobe.probes.chains import ChainSpec
 
 
 class SignalRecord(NamedTuple):
@@ -26,13 +26,14 @@ class SignalRecord(NamedTuple):
     latency_s: tuple[float | None, ...]
 
 
-class SignalLedger:
-    """The judged signals of the chains that expected outcomes look at, in send order."""
+class SignalLedger(RunEvents):
+    """The judged signals of the chains that expected outcomes look at, in send order: a
+    sink of the run's verdicts."""
 
     def __init__(self, chain_indexes: set[int]) -> None:
         self._records: dict[int, list[SignalRecord]] = {i: [] for i in chain_indexes}
 
-    def record(self, followed: FollowedSignal) -> None:
+    def verdict(self, followed: FollowedSignal) -> None:
         """Keep a signal that got its verdict (aborted ones say nothing of the platform)."""
         records = self._records.get(followed.chain_index)
         if records is None or followed.verdict not in (Verdict.OK, Verdict.FAILED):
@@ -42,7 +43,7 @@ class SignalLedger:
             SignalRecord(
                 followed.sent_ns,
                 -1 if followed.failed_hop is None else followed.failed_hop,
-                tuple(followed.counted_result(h) in OK_RESULTS for h in hops),
+                tuple(followed.counted_result(h) in HOP_OK for h in hops),
                 tuple(followed.latency_s(h) for h in hops),
             )
         )

@@ -28,6 +28,8 @@ from fleetprobe.app.outcomes import SignalLedger, judge
 from fleetprobe.app.plan import make_plan
 from fleetprobe.app.scenario import LoadedScenario
 from fleetprobe.app.scenario.models import Scenario
+from fleetprobe.core.errors import FleetprobeError
+from fleetprobe.core.events import RunEventFanout
 from fleetprobe.core.queues import QueueState
 from fleetprobe.core.times import iso_utc
 from fleetprobe.exporters.alerts import AlertSender
@@ -41,8 +43,6 @@ from fleetprobe.exporters.results import ResultBook
 from fleetprobe.exporters.saturation import SaturationWatch
 from fleetprobe.exporters.server import make_metrics_app
 from fleetprobe.exporters.traces import TraceLog
-from fleetprobe.faults.backends import BackendError
-from fleetprobe.probes.chains import FollowedSignal
 from fleetprobe.probes.observers import Observer, ObserverContext, ObserverSetupError, hop_kinds
 from fleetprobe.probes.tracker import CAPACITY as TRACKER_CAPACITY
 from fleetprobe.probes.tracker import Tracker, sweep_deadlines
@@ -93,38 +93,47 @@ class _Run:
         self.options = options
         self.plan = make_plan(scenario, loaded.base_dir)
         self.duration_s = scenario.duration if options.duration_s is None else options.duration_s
-        self.registry = options.registry or CollectorRegistry()
-        signals = list(self.plan.signals)
-        self.metrics = ProbeMetrics(self.registry, scenario.name, signals, self.plan.chains)
-        self.book = ResultBook(signals, self.plan.chains)
+        self.registry = registry = options.registry or CollectorRegistry()
+        chains, name = self.plan.chains, scenario.name
         export_objectives(
-            self.registry,
-            scenario.name,
+            registry,
+            name,
             [(o.chain, o.hop, m, v) for o in scenario.slo for m, v in o.metrics().items()],
         )
+        # The outputs that exist from the start; the trace log and alerts join the run's
+        # events when they open, before any event; the live view reads the book and health.
+        self.metrics = ProbeMetrics(
+            registry,
+            name,
+            list(self.plan.signals),
+            chains,
+            faults=[fault.label for fault in scenario.faults.timeline],
+        )
+        self.book = ResultBook(list(self.plan.signals), chains)
         health = scenario.health
         self.health = HealthMonitor(
-            self.plan.chains,
+            chains,
             HealthPolicy(health.window, health.min_success_ratio, health.min_samples),
-            self.registry,
-            scenario.name,
+            registry,
+            name,
         )
-        self.traces: TraceLog | None = None
-        self.faults = FaultRig(scenario.faults, scenario.name, self.registry, scenario.seed)
         judged = {e.chain for e in scenario.expect}
-        self.ledger = SignalLedger(
-            {i for i, chain in enumerate(self.plan.chains) if chain.name in judged}
+        self.ledger = SignalLedger({i for i, chain in enumerate(chains) if chain.name in judged})
+        self.saturation = SaturationWatch(self._queues, registry, name)
+        # Every event of the run goes through this one fan-out, to every output.
+        self.events = RunEventFanout(
+            [self.metrics, self.book, self.health, self.ledger, self.saturation]
         )
+        self.faults = FaultRig(scenario.faults, name, registry, scenario.seed, self.events)
         self.emission_start_ns: int | None = None
         self.observers: list[Observer] = []
         self.links: list[LinkStats] = []  # every MQTT session group, as it connects
-        LinkCollector(self.registry, scenario.name, lambda: self.links)
+        LinkCollector(registry, name, lambda: self.links)
         self.emitter: Emitter | None = None
-        QueueCollector(self.registry, scenario.name, self._queues)
-        self.saturation = SaturationWatch(self.book, self._queues, self.registry, scenario.name)
+        QueueCollector(registry, name, self._queues)
         self.tracker = Tracker(
-            self.plan.chains,
-            self,
+            chains,
+            self.events,
             _owned_by(options.shard),
             options.tracker_capacity,
             counts_anonymous=options.shard[0] == 0,  # shard 0 counts what carries no id
@@ -138,7 +147,7 @@ class _Run:
             out or sys.stderr,
             self.book,
             self.health,
-            scenario=scenario.name,
+            scenario=name,
             duration_s=self.duration_s,
             interactive=bool(out is not None and out.isatty()),
         )
@@ -151,7 +160,7 @@ class _Run:
         async with AsyncExitStack() as serving:
             async with AsyncExitStack() as stack:
                 if traces_path:
-                    self.traces = stack.enter_context(TraceLog(traces_path, self.plan.chains))
+                    self.events.add(stack.enter_context(TraceLog(traces_path, self.plan.chains)))
                 try:
                     if self.options.handle_signals:
                         # Until the reports are written and the linger is over.
@@ -174,7 +183,7 @@ class _Run:
                 except ListenError as error:
                     log.error("%s", error)
                     self.result.exit_code = ExitCode.BAD_SCENARIO
-                except (ConnectError, ObserverSetupError, BackendError, TimeoutError) as error:
+                except (FleetprobeError, TimeoutError) as error:  # after ListenError: exit 2
                     if isinstance(error, TimeoutError):
                         error = ConnectError(
                             self.plan.broker.url,
@@ -196,36 +205,6 @@ class _Run:
             result = self._finish(started_at, started_ns)
             await self._linger()
         return result
-
-    # The tracker's listener: where its findings go.
-
-    def on_verdict(self, followed: FollowedSignal) -> None:
-        self.metrics.verdict(followed)
-        self.book.verdict(followed)
-        self.ledger.record(followed)
-        self.health.record(followed, time.monotonic_ns())
-
-    def on_retired(self, followed: FollowedSignal) -> None:
-        if self.traces is not None:
-            self.traces.write(followed)
-
-    def on_duplicate(self, chain_index: int, hop_index: int) -> None:
-        self.metrics.duplicate(chain_index, hop_index)
-        self.book.duplicate(chain_index, hop_index)
-
-    def on_unmatched(self, chain_index: int, hop_index: int, reason: str) -> None:
-        self.metrics.unmatched_message(chain_index, hop_index, reason)
-        self.book.unmatched_message(chain_index, hop_index, reason)
-
-    # The observers' stats.
-
-    def poll_error(self, chain_index: int, hop_index: int, reason: str) -> None:
-        self.metrics.poll_error(chain_index, hop_index, reason)
-        self.book.poll_error(chain_index, hop_index, reason)
-
-    def webhook_rejected(self, chain_index: int, hop_index: int, reason: str) -> None:
-        self.metrics.webhook_rejected(chain_index, hop_index, reason)
-        self.book.webhook_rejected(chain_index, hop_index, reason)
 
     # The parts, in the order they start.
 
@@ -252,6 +231,7 @@ class _Run:
         self.alerts = AlertSender(
             self.scenario.alerts, client, scenario=self.scenario.name, registry=self.registry
         )
+        self.events.add(self.alerts)
         sending = asyncio.create_task(self.alerts.run())
         stack.callback(sending.cancel)
 
@@ -259,7 +239,7 @@ class _Run:
         context = ObserverContext(
             self.tracker,
             self.plan.broker,
-            self,
+            self.events,
             split_listen(self.scenario.exporters.webhook_receiver.listen),
         )
         observers = self.observers
@@ -316,9 +296,7 @@ class _Run:
                 sweep_deadlines(tracker, lambda: not emitting and tracker.idle)
             )
             self.live.phase = "emitting"
-            self.emitter = emitter = Emitter(
-                publisher, tracker, self.metrics, self.book, self.faults.fleet
-            )
+            self.emitter = emitter = Emitter(publisher, tracker, self.events, self.faults.fleet)
             self.emission_start_ns = time.monotonic_ns()
             background.append(
                 group.create_task(self.faults.run(self.emission_start_ns, publisher, emitter))
@@ -393,8 +371,7 @@ class _Run:
 
     def _note_health_changes(self) -> None:
         for change in self.health.evaluate(time.monotonic_ns()):
-            if self.alerts is not None:
-                self.alerts.notify(change)
+            self.events.health_changed(change)
 
     def _finish(self, started_at: str, started_ns: int) -> RunResult:
         """Judge the objectives, set the exit code, write the reports and the summary."""

@@ -64,7 +64,7 @@ def unshardable_parts(scenario: Scenario) -> list[str]:
         f"webhook hop {c.name} > {h.name} (one receiver address for every shard)"
         for c in scenario.chains
         for h in c.hops
-        if h.kind[0] == "webhook"
+        if h.kind[1].receives_webhooks
     ]
     if scenario.faults.timeline or scenario.faults.proxies:
         parts.append("faults (one proxy per listen address, one timeline)")

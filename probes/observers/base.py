@@ -1,21 +1,26 @@
 """What every hop kind shares: the observer base class and its registry.
 
 An observer turns what it sees into marks for the tracker: ``(trace_id, hop, seen_at,
-body)``. It never judges. Each hop kind lives in one module of this package, defines its
-config model and subclasses :class:`Observer` with ``kind=`` and ``config=``; that is all
-it takes for the scenario loader to accept the kind and for a run to start it.
+body)``. It never judges. What goes wrong on its own side (a poll that fails, a webhook
+call it refuses) it reports as a hop error with a reason of its kind's own, which every
+output shows without knowing the kind.
+
+Each hop kind lives in one module of this package, defines its config model and subclasses
+:class:`Observer` with ``kind=`` and ``config=``; that is all it takes for the scenario
+loader to accept the kind and for a run to start it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
 from fleetprobe.core.errors import FleetprobeError
+from fleetprobe.core.events import RunEvents
 from fleetprobe.core.queues import QueueState
 from fleetprobe.probes.tracker import Tracker
 from fleetprobe.transport.links import LinkStats
@@ -34,15 +39,16 @@ class HopConfig(BaseModel, extra="forbid", frozen=True):
         """Whether the hop shows only each vehicle's latest signal (a state API)."""
         return False
 
+    @property
+    def receives_webhooks(self) -> bool:
+        """Whether the hop is served by the run's webhook receiver (one listen address, so
+        shard processes cannot share it)."""
+        return False
 
-class ObserverStats(Protocol):
-    """Counts of what observers met besides marks (they become metrics and report keys)."""
-
-    def poll_error(self, chain_index: int, hop_index: int, reason: str) -> None:
-        """A poll got no usable answer (404, 503, timeout, a body without the id, ...)."""
-
-    def webhook_rejected(self, chain_index: int, hop_index: int, reason: str) -> None:
-        """A webhook call was refused (bad signature, body too large, ...)."""
+    def problems(self, mqtt_protocol: str) -> Iterator[tuple[tuple[str, ...], str]]:
+        """What this hop cannot do against the fleet's broker speaking ``mqtt_protocol``
+        (``5`` or ``3.1.1``): the path below the kind's key and the message, for each."""
+        return iter(())
 
 
 @dataclass(frozen=True)
@@ -58,11 +64,12 @@ class WatchedHop:
 
 @dataclass(frozen=True)
 class ObserverContext:
-    """What observers may use: the tracker, where the platform is, where to listen."""
+    """What observers may use: the tracker (for marks), where the platform is, the run's
+    events (for a hop kind's own errors, :meth:`RunEvents.hop_error`), where to listen."""
 
     tracker: Tracker
     broker: BrokerTarget
-    stats: ObserverStats
+    events: RunEvents
     webhook_listen: tuple[str, int] = ("127.0.0.1", 9465)
 
 

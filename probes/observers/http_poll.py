@@ -135,23 +135,23 @@ class HttpPollObserver(Observer, kind="http_poll", config=HttpPollHop):
 
     async def _poll(self, polled: _PolledHop, client: HttpClient, url: str) -> None:
         hop = polled.watched
-        stats = self.context.stats
+        errors = self.context.events.hop_error
         asked_ns = time.monotonic_ns()
         try:
             response = await client.request("GET", url, headers=polled.headers)
         except HttpError as error:
-            stats.poll_error(hop.chain_index, hop.hop_index, error.reason)
+            errors(hop.chain_index, hop.hop_index, error.reason)
             return
         finally:
             polled.in_flight.discard(url)
         if response.status != 200:
-            stats.poll_error(hop.chain_index, hop.hop_index, _status_reason(response.status))
+            errors(hop.chain_index, hop.hop_index, _status_reason(response.status))
             return
         body: Any = parse_json(response.body)
         try:
             trace_id = polled.trace_id.read(body, response.headers.items())
         except Unmatched as unmatched:
-            stats.poll_error(hop.chain_index, hop.hop_index, unmatched.reason)
+            errors(hop.chain_index, hop.hop_index, unmatched.reason)
             return
         shown = polled.last_shown
         if shown.get(url) == trace_id:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import field_validator, model_validator
@@ -59,6 +60,13 @@ class MqttHop(HopConfig):
     def _one_trace_id_source(self) -> MqttHop:
         one_source(self.trace_id, self.property, "property")
         return self
+
+    def problems(self, mqtt_protocol: str) -> Iterator[tuple[tuple[str, ...], str]]:
+        if mqtt_protocol == "3.1.1" and self.property is not None:
+            yield (
+                ("property",),
+                "MQTT 3.1.1 has no user properties: use protocol 5 or trace_id: $.path",
+            )
 
 
 class _Route:

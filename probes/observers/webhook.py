@@ -49,6 +49,10 @@ class WebhookHop(HopConfig):
         one_source(self.trace_id, self.header, "header")
         return self
 
+    @property
+    def receives_webhooks(self) -> bool:
+        return True
+
 
 class _Route:
     __slots__ = ("chain_index", "config", "hop_index", "trace_id")
@@ -92,12 +96,12 @@ class WebhookObserver(Observer, kind="webhook", config=WebhookHop):
     async def _receive(self, request: web.Request) -> web.Response:
         seen_ns = time.monotonic_ns()
         routes = self._routes[request.path]
-        stats = self.context.stats
+        errors = self.context.events.hop_error
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             for route in routes:
-                stats.webhook_rejected(route.chain_index, route.hop_index, "too_large")
+                errors(route.chain_index, route.hop_index, "too_large")
             raise
         body: Any = parse_json(raw)
         accepted = False
@@ -105,7 +109,7 @@ class WebhookObserver(Observer, kind="webhook", config=WebhookHop):
             too_large = len(raw) > route.config.max_body  # the server allows the largest limit
             refusal = "too_large" if too_large else _signature_refusal(route.config, request, raw)
             if refusal is not None:
-                stats.webhook_rejected(route.chain_index, route.hop_index, refusal)
+                errors(route.chain_index, route.hop_index, refusal)
                 continue
             accepted = True
             try:

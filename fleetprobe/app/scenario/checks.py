@@ -59,15 +59,11 @@ def cross_check(scenario: Scenario, base_dir: Path | None) -> Iterator[Finding]:
 
     yield from _check_faults(scenario)
 
-    if scenario.target.mqtt.protocol == "3.1.1":
-        for i, chain in enumerate(scenario.chains):
-            for j, hop in enumerate(chain.hops):
-                kind, config = hop.kind
-                if kind == "mqtt" and config.property is not None:
-                    yield (
-                        ("chains", i, "hops", j, "mqtt", "property"),
-                        "MQTT 3.1.1 has no user properties: use protocol 5 or trace_id: $.path",
-                    )
+    for i, chain in enumerate(scenario.chains):
+        for j, hop in enumerate(chain.hops):
+            kind, config = hop.kind
+            for below, message in config.problems(scenario.target.mqtt.protocol):
+                yield ("chains", i, "hops", j, kind, *below), message
 
     tls = scenario.target.mqtt.tls
     if tls is not None and base_dir is not None:
