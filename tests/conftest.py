@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,8 +18,26 @@ import yaml
 
 from fleetprobe.app.run import RunOptions, RunResult, run_scenario
 from fleetprobe.app.scenario import load_scenario
-from fleetprobe.testbed.mosquitto import MosquittoProcess
+from fleetprobe.testbed.mosquitto import MosquittoProcess, mosquitto_path
 from fleetprobe.transport.mqtt import BrokerTarget, parse_broker_url
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``needs_tool(COMMAND, DEBIAN_PACKAGE)`` is skipped where the command is
+    missing, except under ``CI=true``: there a missing tool means a broken install step of
+    .ci/run, and the test fails, naming it, instead of quietly not running."""
+    for mark in item.iter_markers("needs_tool"):
+        command, package = mark.args
+        if command == "mosquitto":
+            found = mosquitto_path() is not None
+        else:
+            found = shutil.which(command) is not None
+        if found:
+            continue
+        reason = f"{command} is not installed (Debian package {package})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}: .ci/run installs it, so CI must have it", pytrace=False)
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

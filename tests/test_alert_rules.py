@@ -16,9 +16,7 @@ from exposition import PROMETHEUS_SERIES, REPO, RULES, metric_names
 
 RULE_TESTS = RULES.with_name("fleetprobe-rules.test.yml")
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool (Debian: prometheus) not installed"
-)
+needs_promtool = pytest.mark.needs_tool("promtool", "prometheus")
 # A query inside an annotation template: {{ with printf `QUERY` $labels.x ... | query }}.
 _TEMPLATE_QUERY = re.compile(r"printf\s+`([^`]*)`")
 

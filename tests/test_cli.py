@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import socket
 import time
@@ -80,9 +79,7 @@ async def test_a_signal_stops_emission_and_still_writes_the_reports(
     assert "fleetprobe: test" in out
 
 
-@pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool (Debian: prometheus) not installed"
-)
+@pytest.mark.needs_tool("promtool", "prometheus")
 async def test_metrics_exposition_passes_promtool(
     tmp_path: Path, broker_url: str, prefix: str
 ) -> None:

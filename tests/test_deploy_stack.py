@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import os
 import re
-import shutil
 import signal
 import subprocess
 import tomllib
@@ -285,7 +284,7 @@ def test_prometheus_reads_the_config_and_rules_of_the_repository(
     assert PROMETHEUS_PORT in published(prometheus)
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian: prometheus)")
+@pytest.mark.needs_tool("promtool", "prometheus")
 def test_prometheus_config_passes_promtool() -> None:
     """`promtool check config` accepts prometheus.yml and the rule files it names."""
     result = subprocess.run(
@@ -309,9 +308,7 @@ def test_alertmanager_reads_the_config_of_the_repository(
     assert ALERTMANAGER_PORT in published(services["alertmanager"])
 
 
-@pytest.mark.skipif(
-    shutil.which("amtool") is None, reason="amtool (Debian: prometheus-alertmanager)"
-)
+@pytest.mark.needs_tool("amtool", "prometheus-alertmanager")
 def test_alertmanager_config_passes_amtool() -> None:
     """`amtool check-config` accepts alertmanager.yml."""
     result = subprocess.run(
@@ -404,7 +401,7 @@ async def stop(process: asyncio.subprocess.Process, signum: int) -> None:
             await process.wait()
 
 
-@pytest.mark.skipif(mosquitto_path() is None, reason="mosquitto (Debian: mosquitto)")
+@pytest.mark.needs_tool("mosquitto", "mosquitto")
 async def test_the_stack_follows_every_hop_on_loopback(
     services: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:

@@ -80,13 +80,12 @@ def book_with(ok: int, failed: int, unsent: int) -> ResultBook:
     return book
 
 
+@pytest.mark.needs_tool("promtool", "prometheus")
 def test_the_objective_and_the_recording_rule_compute_one_success_ratio(
     tmp_path: Path,
 ) -> None:
     """With unsent signals, the ratio the objectives judge is the one the shipped recording
     rule computes from the exported counters (promtool test rules)."""
-    if subprocess.run(["which", "promtool"], capture_output=True, check=False).returncode:
-        pytest.fail("promtool (Debian: prometheus) is needed: .ci/run installs it")
     ok, failed, unsent = 85, 5, 10
     objective = ObjectiveConfig.model_validate({"chain": "telemetry", "success_ratio": 0.99})
     (judged,) = evaluate([objective], book_with(ok, failed, unsent))

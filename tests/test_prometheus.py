@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,9 +22,7 @@ from fleetprobe.transport.mqtt import BrokerTarget
 
 pytestmark = [
     pytest.mark.prometheus,
-    pytest.mark.skipif(
-        shutil.which("prometheus") is None, reason="prometheus (Debian: prometheus) not installed"
-    ),
+    pytest.mark.needs_tool("prometheus", "prometheus"),
 ]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -122,9 +121,7 @@ async def test_workers_give_one_report_trace_log_and_junit_for_the_whole_fleet(
     assert "[shard 0/2]" in err and "[shard 1/2]" in err
 
 
-@pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool (Debian: prometheus) not installed"
-)
+@pytest.mark.needs_tool("promtool", "prometheus")
 async def test_workers_serve_one_merged_metrics_endpoint(
     tmp_path: Path, broker_url: str, prefix: str
 ) -> None:
