@@ -90,7 +90,9 @@ async def test_a_false_expectation_fails_the_run_naming_it_and_the_measure(
     code, report = await run_drill(path, tmp_path)
     assert code == 1
     latency = next(e for e in report["expectations"] if e["check"] == "latency_added")
-    assert not latency["ok"] and 0.19 <= latency["measured"] <= 0.21
+    # The median added latency: the toxic's 200 ms, and what a busy machine adds to the
+    # signals during the fault more than to those outside it (rarely more than a few ms).
+    assert not latency["ok"] and 0.19 <= latency["measured"] < 0.3
     junit = JUnitXml.fromfile(str(tmp_path / "out" / drill["name"] / "junit.xml"))
     failures = [
         result.message
@@ -155,7 +157,8 @@ async def test_faults_on_a_toxiproxy_server(
     assert result.exit_code == 0, [e.explanation for e in result.expectations]
     assert server_side.proxies == {}  # the run removed what it created
     fault = result.report["faults"][0]
-    assert 1.9 <= fault["reverted_s"] - fault["applied_s"] <= 2.2
+    # In force for its 2 s: never less, and later only by what a busy machine adds.
+    assert 1.9 <= fault["reverted_s"] - fault["applied_s"] <= 3.5
 
 
 def binomial_ok(failed: int, judged: int, ratio: float) -> bool:

@@ -65,8 +65,10 @@ async def test_latency_adds_its_delay_to_a_live_connection() -> None:
         during = statistics.median([await round_trip_ms(reader, writer) for _ in range(5)])
         proxy.remove_toxic("latency_upstream")
         after = statistics.median([await round_trip_ms(reader, writer) for _ in range(5)])
-        assert 100 <= during - before < 120
-        assert after < 20
+        # Every round trip with the toxic takes its 100 ms at least; without it, less than
+        # that (medians of 5; generous upper bounds: a busy machine slows every round trip).
+        assert during >= 100 and during - before < 1000
+        assert after < 100
         writer.close()
 
 
@@ -118,7 +120,7 @@ async def test_timeout_zero_black_holes_and_removing_it_closes() -> None:
         proxy.remove_toxic("timeout_upstream")
         assert await asyncio.wait_for(reader.read(4), 5) == b""
         reader, writer = await connect(proxy)
-        assert await round_trip_ms(reader, writer) < 100
+        assert await round_trip_ms(reader, writer) < 1000  # it answers again, toxic-free
         writer.close()
 
 
@@ -128,7 +130,7 @@ async def test_timeout_closes_the_connection_after_its_time() -> None:
         proxy.add_toxic(toxic("timeout", "downstream", timeout=100))
         start = time.perf_counter()
         assert await asyncio.wait_for(reader.read(10), 5) == b""
-        assert 0.09 <= time.perf_counter() - start < 1
+        assert 0.09 <= time.perf_counter() - start < 4  # never early; late on a busy machine
         writer.close()
 
 
@@ -163,7 +165,9 @@ async def test_bandwidth_paces_the_data() -> None:
         writer.write(b"y" * 30_000)
         await writer.drain()
         await asyncio.wait_for(reader.readexactly(30_000), 5)
-        assert 0.25 <= time.perf_counter() - start < 0.6
+        # 30 KB at 100 KB/s: 0.3 s at least (minus the first chunk's head start); the upper
+        # bound only catches pacing far too slow, as a busy machine adds its own delay.
+        assert 0.25 <= time.perf_counter() - start < 3
         writer.close()
 
 
@@ -187,7 +191,7 @@ async def test_disabling_cuts_connections_and_refuses_new_ones() -> None:
             await connect(proxy)
         await proxy.start()
         reader, writer = await connect(proxy)
-        assert await round_trip_ms(reader, writer) < 100
+        assert await round_trip_ms(reader, writer) < 1000  # it answers again, toxic-free
         writer.close()
 
 
@@ -196,7 +200,7 @@ async def test_toxicity_zero_never_applies() -> None:
         spec = toxic("timeout", "upstream").model_copy(update={"toxicity": 0.0})
         proxy.add_toxic(spec)
         reader, writer = await connect(proxy)
-        assert await round_trip_ms(reader, writer) < 100
+        assert await round_trip_ms(reader, writer) < 1000  # it answers again, toxic-free
         writer.close()
 
 

@@ -105,9 +105,13 @@ def follow(tracker: Tracker, n: int, vin: str) -> str:
 async def test_polls_coalesce_to_one_request_per_vehicle_per_interval() -> None:
     """1,000 vehicles, 2 signals pending each, 200 ms: one GET per vehicle per interval at most."""
     asked: dict[str, list[float]] = defaultdict(list)
+    asked_twice = asyncio.Event()
 
     async def state(request: web.Request) -> web.Response:
-        asked[request.match_info["vin"]].append(time.monotonic())
+        times = asked[request.match_info["vin"]]
+        times.append(time.monotonic())
+        if len(times) == 2 and sum(len(t) >= 2 for t in asked.values()) == 1000:
+            asked_twice.set()
         return web.json_response({"error": "unknown"}, status=404)
 
     record = Record()
@@ -115,21 +119,24 @@ async def test_polls_coalesce_to_one_request_per_vehicle_per_interval() -> None:
         config = HttpPollHop(
             url=base + "/vehicles/{vin}", every="200ms", concurrency=64, trace_id="$.last_trace_id"
         )
-        async with observing(HttpPollObserver, config, record, within_s=30) as (tracker, _):
+        started = time.monotonic()
+        async with observing(HttpPollObserver, config, record, within_s=60) as (tracker, _):
             for n in range(2000):
                 follow(tracker, n, f"V{n % 1000}")
-            started = time.monotonic()
-            await asyncio.sleep(1.05)  # the behaviour under test is a rate over time
-            elapsed = time.monotonic() - started
-    assert len(asked) == 1000
-    intervals = int(elapsed / 0.2) + 1
-    # Two signals wait per vehicle, yet each vehicle is asked at most once per interval
-    # (fewer when a request of the last round is still out), and asked again and again.
-    assert max(len(times) for times in asked.values()) <= intervals
-    assert min(len(times) for times in asked.values()) >= 2
-    # Each answer is counted as "not found yet" (less those cut off when the test ends).
+            # Every vehicle asked again: however busy the machine, the rounds go on.
+            async with asyncio.timeout(50):
+                await asked_twice.wait()
+        elapsed = time.monotonic() - started
+        counts = {vin: len(times) for vin, times in asked.items()}
+    assert len(counts) == 1000
+    # Two signals wait per vehicle, yet each vehicle is asked at most once per round, and a
+    # round starts at most every 200 ms (a late loop skips rounds, it never bursts): a bound
+    # that only grows when the machine is slow.
+    assert max(counts.values()) <= int(elapsed / 0.2) + 1
+    # Each answer is counted as "not found yet" (less those cut off when the test ends:
+    # at most the 64 requests in flight).
     assert set(record.hop_errors) == {"not_found"}
-    assert 0.9 * sum(map(len, asked.values())) <= record.hop_errors["not_found"]
+    assert sum(counts.values()) - 64 <= record.hop_errors["not_found"]
 
 
 async def test_a_state_api_sighting_and_latest_only_superseding() -> None:

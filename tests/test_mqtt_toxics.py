@@ -154,9 +154,10 @@ async def test_delay_holds_matching_publishes_while_others_pass(
                     arrivals.append((message.topic, time.monotonic() - start))
                     if len(arrivals) == 2:
                         break
+    # The fast one overtook the held one, which was held at least its 200 ms (no upper bound:
+    # a busy machine adds its own delay to both).
     assert [topic for topic, _ in arrivals] == [f"{prefix}/fast", f"{prefix}/slow"]
-    assert arrivals[0][1] < 0.1
-    assert 0.2 <= arrivals[1][1] < 0.5
+    assert arrivals[1][1] >= 0.2
 
 
 async def test_held_acks_keep_a_qos1_publish_waiting_until_removed(

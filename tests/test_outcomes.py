@@ -134,6 +134,8 @@ async def test_the_timeline_applies_and_reverts_on_time_and_records_errors() -> 
     await timeline.revert_active()
     assert [e for e, _ in events] == ["a on", "c on", "a off", "c off"]
     at = dict(events)
-    assert 0.05 <= at["a on"] < 0.09 and 0.15 <= at["a off"] < 0.19
+    # Never early, and the window lasts its length. No tight upper bound: a loaded machine
+    # runs every callback late, and lateness is not what this test is about.
+    assert 0.05 <= at["a on"] < 1.0 and at["a off"] - at["a on"] >= 0.1
     assert windows[1].errors == ["apply: refused"] and windows[1].applied_ns is None
     assert changes == [("a", True), ("c", True), ("a", False), ("c", False)]

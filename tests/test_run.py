@@ -122,15 +122,22 @@ async def test_a_silent_hop_times_out_for_every_signal_at_that_hop(
 async def test_gateway_delay_shows_as_the_step_latency_of_its_hop(
     tmp_path: Path, broker_url: str, broker: BrokerTarget, prefix: str
 ) -> None:
-    """With the gateway adding 100 ms, the gateway hop's median step is 100 ms ± 5 ms."""
+    """With the gateway adding 100 ms, the gateway hop's median step is 100 ms, not more than
+    a busy machine adds; the broker hop's is not."""
     scenario = with_outputs(
         scenario_dict(broker_url, prefix, chains=[gateway_chain(prefix)]), tmp_path
     )
     async with gateway(broker, prefix, delay_s=0.100):
         await run_scenario_dict(tmp_path, scenario)
-    steps = [line["hops"]["gateway"]["step_s"] for line in read_traces(tmp_path)]
+    lines = read_traces(tmp_path)
+    steps = [line["hops"]["gateway"]["step_s"] for line in lines]
     assert len(steps) >= 90
-    assert abs(statistics.median(steps) - 0.100) <= 0.005
+    # The gateway holds each message 100 ms after the broker hop saw it (less the moment
+    # between the observer's and the gateway's receipt); the median shows it within 5 ms
+    # on a quiet machine, and within 50 ms on one whose cores are all busy.
+    assert 0.095 <= statistics.median(steps) <= 0.150
+    broker_latency = statistics.median(line["hops"]["broker"]["latency_s"] for line in lines)
+    assert broker_latency < statistics.median(steps) - 0.05
 
 
 async def test_expectations_mark_a_changed_value_invalid(

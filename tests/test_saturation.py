@@ -100,15 +100,21 @@ async def test_a_stalled_prober_says_so_during_the_run_and_in_the_report(
 async def test_a_prober_that_keeps_up_reports_no_saturation(
     tmp_path: Path, broker_url: str, prefix: str
 ) -> None:
-    """50 signals/s on a quiet loop: nothing hit, nothing dropped."""
+    """50 signals/s: no queue overflows, and the lag limit is named only when measured over.
+
+    On a quiet machine nothing is hit at all. On one whose cores are all busy the loop may
+    really run more than 10 ms late in a second: then the report must say so with the
+    measured lag, never a limit it did not measure.
+    """
     result = await run_scenario_dict(tmp_path, scenario_dict(broker_url, prefix))
-    assert result.report["prober"] == {
-        "saturated": False,
-        "limits_hit": [],
-        "windows_saturated": 0,
-        "worst_lag_p99_s": None,
-        "queue_overflowed": {},
-    }
+    prober = result.report["prober"]
+    assert prober["queue_overflowed"] == {}
+    assert prober["limits_hit"] in ([], ["emission_lag"])
+    assert prober["saturated"] == bool(prober["limits_hit"])
+    if prober["limits_hit"]:
+        assert prober["windows_saturated"] >= 1 and prober["worst_lag_p99_s"] > 0.010
+    else:
+        assert prober["windows_saturated"] == 0 and prober["worst_lag_p99_s"] is None
 
 
 async def test_a_full_tracker_stops_sending_and_every_bound_is_exported(

@@ -250,7 +250,7 @@ async def test_processor_delay_shows_between_events_and_state(
         await send(car, prefix, "V1", "telemetry")
         event_message, state_message = await events.get(), await states.get()
         step_s = (state_message.seen_ns - event_message.seen_ns) / 1e9
-        assert 0.100 <= step_s < 0.5
+        assert 0.100 <= step_s < 2.0  # never less than the delay; a busy machine adds its own
 
 
 async def test_gateway_stall_holds_signals_until_it_ends(broker: BrokerTarget, prefix: str) -> None:
@@ -304,7 +304,7 @@ async def test_api_stall_holds_a_request_for_its_duration(
         status, _ = await get_json(f"{testbed.url}/vehicles/V1")
         elapsed = time.monotonic() - started
         assert status == 404
-        assert 0.9 <= elapsed <= 3.0
+        assert 0.9 <= elapsed <= 6.0  # about its second; a busy machine answers later
         assert not testbed.knobs["api"].stalled
 
 
@@ -320,7 +320,7 @@ async def test_stall_zero_ends_an_api_stall_early(broker: BrokerTarget, prefix: 
         status, knobs = await post_json(f"{testbed.url}/control/api", {"stall": 0})
         assert status == 200 and knobs["stall"] == 0
         assert (await request)[0] == 404
-        assert time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 15.0  # not the 30 s of the stall
 
 
 async def test_control_endpoint_validates_updates(broker: BrokerTarget, prefix: str) -> None:
