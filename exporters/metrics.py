@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from fleetprobe.core.events import RunEvents
 from fleetprobe.core.results import COUNTED_RESULTS, UNSENT, FollowedSignal, HopResult, Verdict
@@ -47,6 +47,8 @@ class ProbeMetrics(RunEvents):
         signals: the signal kinds that will be sent.
         chains: the chains that will be followed.
         faults: the names of the scenario's faults (``fleetprobe_fault_active``).
+        run_id: the run's id, the one label of ``fleetprobe_run_info`` (no other metric
+            carries it: a label per run would make a new series of every metric each run).
     """
 
     def __init__(
@@ -56,10 +58,15 @@ class ProbeMetrics(RunEvents):
         signals: Sequence[str],
         chains: Sequence[ChainSpec],
         faults: Sequence[str] = (),
+        run_id: str = "",
     ) -> None:
         self.scenario = scenario
         self.chains = tuple(chains)
         s = scenario
+        Info(
+            "fleetprobe_run", "The run: its id (trace ids derive from it).", ["scenario"],
+            registry=registry,
+        ).labels(s).info({"run_id": run_id})
         self.signals_sent = Counter(
             "fleetprobe_signals_sent",
             "Signals handed to the MQTT client.",

@@ -14,6 +14,7 @@ def build_report(
     book: ResultBook,
     *,
     scenario: str,
+    run_id: str,
     started_at: str,
     ended_at: str,
     exit_code: int,
@@ -49,6 +50,7 @@ def build_report(
         }
     return {
         "scenario": scenario,
+        "run_id": run_id,
         "started_at": started_at,
         "ended_at": ended_at,
         "exit_code": exit_code,

@@ -13,7 +13,7 @@ from fleetprobe.core.times import iso_utc
 from fleetprobe.probes.chains import ChainSpec
 
 
-def trace_line(followed: FollowedSignal, chain: ChainSpec) -> dict[str, Any]:
+def trace_line(followed: FollowedSignal, chain: ChainSpec, run_id: str) -> dict[str, Any]:
     """The trace log entry of one followed signal.
 
     A hop's ``result`` is its counted result, as in every other output; a hop counted
@@ -40,6 +40,7 @@ def trace_line(followed: FollowedSignal, chain: ChainSpec) -> dict[str, Any]:
     failed_hop = chain.hops[followed.failed_hop].name if followed.failed_hop is not None else None
     return {
         "trace_id": followed.trace_id,
+        "run_id": run_id,
         "chain": chain.name,
         "signal": followed.signal,
         "vin": followed.vin,
@@ -55,9 +56,10 @@ class TraceLog(RunEvents):
     """Appends the line of each retired signal to a file: a sink of the run's events, and a
     context manager that flushes on exit."""
 
-    def __init__(self, path: str | Path, chains: Sequence[ChainSpec]) -> None:
+    def __init__(self, path: str | Path, chains: Sequence[ChainSpec], run_id: str) -> None:
         self.path = Path(path)
         self._chains = tuple(chains)
+        self._run_id = run_id
         self._file: IO[str] | None = None
 
     def __enter__(self) -> TraceLog:
@@ -74,5 +76,5 @@ class TraceLog(RunEvents):
         """Append the line of a retired signal."""
         if self._file is None:
             raise RuntimeError("TraceLog used outside 'with'")
-        line = trace_line(followed, self._chains[followed.chain_index])
+        line = trace_line(followed, self._chains[followed.chain_index], self._run_id)
         self._file.write(json.dumps(line, separators=(",", ":")) + "\n")

@@ -94,6 +94,9 @@ class FleetSpec:
     vehicles: int
     area: Area
     profiles: tuple[Profile, ...]
+    run_id: str = ""
+    """Mixed into every trace id: the same seed and run id replay a run exactly, and two
+    runs of one seed against one broker stay apart."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,13 +129,14 @@ def shard_of_trace_id(trace_id: str, shards: int) -> int:
     return int(trace_id[:16], 16) % shards
 
 
-def trace_ids_for(seed: int, vin: str, signal: str, seq: int) -> tuple[str, str]:
+def trace_ids_for(seed: int, run_id: str, vin: str, signal: str, seq: int) -> tuple[str, str]:
     """A W3C trace-id and span-id, derived from the signal's identity (deterministic).
 
     The trace id's first 64 bits are the VIN's hash (:func:`shard_of_trace_id`), the rest
-    and the span id depend on the signal, its sequence number and the seed.
+    and the span id depend on the seed, the run id, the signal and its sequence number.
     """
-    digest = hashlib.blake2b(f"{seed}/{vin}/{signal}/{seq}".encode(), digest_size=16).hexdigest()
+    identity = f"{seed}/{run_id}/{vin}/{signal}/{seq}"
+    digest = hashlib.blake2b(identity.encode(), digest_size=16).hexdigest()
     return f"{vin_hash(vin):016x}{digest[:16]}", digest[16:]
 
 
@@ -143,6 +147,7 @@ class Vehicle:
         self.vin = vin
         self.profile = profile
         self._seed = spec.seed
+        self._run_id = spec.run_id
         self._area = spec.area
         self._rng = random.Random(f"{spec.seed}/{vin}/drive")
         self.lat, self.lon = random_point(
@@ -251,7 +256,7 @@ class Vehicle:
         yield env.timeout(rng.uniform(0.0, cadence.every_s))  # vehicles do not send in lockstep
         seq = 0
         while True:
-            trace_id, span_id = trace_ids_for(self._seed, self.vin, signal, seq)
+            trace_id, span_id = trace_ids_for(self._seed, self._run_id, self.vin, signal, seq)
             fields = self.snapshot(env.now)
             fields.update(
                 signal=signal,

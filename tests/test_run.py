@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import read_traces, run_scenario_dict, scenario_dict
+from fleetprobe.app.run import RunOptions
 from fleetprobe.testbed.gateway import Gateway
 from fleetprobe.testbed.knobs import StageKnobs
 from fleetprobe.transport.mqtt import BrokerTarget, MqttSession
@@ -94,6 +95,7 @@ async def test_every_followed_signal_gets_one_verdict_and_one_trace_line(
     assert chain["hops"]["gateway"]["results"]["ok"] == sent
     assert set(lines[0]) == {
         "trace_id",
+        "run_id",
         "chain",
         "signal",
         "vin",
@@ -188,13 +190,15 @@ async def test_malformed_downstream_messages_are_counted_not_fatal(
 async def test_same_seed_sends_the_same_signals(
     tmp_path: Path, broker_url: str, prefix: str
 ) -> None:
-    """Two runs with one seed follow identical trace ids, VINs and sequence."""
+    """Two runs with one seed and one run id follow identical trace ids, VINs and sequence."""
     runs = []
     for n in (1, 2):
         folder = tmp_path / f"run{n}"
         folder.mkdir()
         await run_scenario_dict(
-            folder, with_outputs(scenario_dict(broker_url, prefix, duration="1s"), folder)
+            folder,
+            with_outputs(scenario_dict(broker_url, prefix, duration="1s"), folder),
+            options=RunOptions(handle_signals=False, run_id="replay-1"),
         )
         runs.append([(line["trace_id"], line["vin"]) for line in read_traces(folder)])
     assert runs[0] == runs[1] and len(runs[0]) >= 40

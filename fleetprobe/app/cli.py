@@ -15,6 +15,7 @@ from fleetprobe.app.exit_codes import ExitCode
 from fleetprobe.app.scenario import ScenarioError, load_scenario
 from fleetprobe.app.scenario.models import Scenario
 from fleetprobe.core.durations import parse_duration
+from fleetprobe.core.trace_ids import check_run_id
 from fleetprobe.testbed import cli as testbed_cli
 from fleetprobe.transport.servers import split_listen
 
@@ -56,6 +57,7 @@ def _run(args: argparse.Namespace) -> int:
         shard=args.shard,
         metrics_listen=args.metrics_listen,
         out=sys.stdout,
+        run_id=args.run_id,
     )
     if args.workers > 1:
         return asyncio.run(run_workers(loaded, args.scenario, options, args.workers)).exit_code
@@ -132,6 +134,13 @@ def _proxy(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config))
 
 
+def _run_id(text: str) -> str:
+    try:
+        return check_run_id(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _shard(text: str) -> tuple[int, int]:
     index, sep, count = text.partition("/")
     if not sep or not index.isdigit() or not count.isdigit() or not 0 <= int(index) < int(count):
@@ -200,6 +209,13 @@ def _parser() -> argparse.ArgumentParser:
         type=_listen,
         metavar="HOST:PORT",
         help="override exporters.prometheus.listen",
+    )
+    run.add_argument(
+        "--run-id",
+        type=_run_id,
+        metavar="ID",
+        help="the run's id (default: random); trace ids derive from the seed and the run id, "
+        "so the same seed and run id replay a run exactly",
     )
     run.set_defaults(command=_run)
 

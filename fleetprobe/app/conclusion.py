@@ -37,6 +37,7 @@ class RunResult:
 class RunRecord:
     """What a run recorded, before it is judged."""
 
+    run_id: str
     book: ResultBook
     started_at: str
     ended_at: str
@@ -70,6 +71,7 @@ def conclude(
     result.report = build_report(
         record.book,
         scenario=scenario.name,
+        run_id=record.run_id,
         started_at=record.started_at,
         ended_at=record.ended_at,
         exit_code=result.exit_code,

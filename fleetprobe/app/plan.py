@@ -39,10 +39,11 @@ class RunPlan:
         return max((h.within_s for c in self.chains for h in c.hops), default=0.0) + 1.0
 
 
-def make_plan(scenario: Scenario, base_dir: Path) -> RunPlan:
-    """Build the run's plan; TLS files are read relative to ``base_dir``."""
+def make_plan(scenario: Scenario, base_dir: Path, run_id: str = "") -> RunPlan:
+    """Build the run's plan; TLS files are read relative to ``base_dir``; trace ids derive
+    from the scenario's seed and ``run_id``."""
     return RunPlan(
-        fleet=_fleet(scenario),
+        fleet=_fleet(scenario, run_id),
         signals={
             name: SignalSpec(
                 name,
@@ -89,10 +90,11 @@ def make_broker_target(scenario: Scenario, base_dir: Path) -> BrokerTarget:
     )
 
 
-def _fleet(scenario: Scenario) -> FleetSpec:
+def _fleet(scenario: Scenario, run_id: str) -> FleetSpec:
     fleet = scenario.fleet
     return FleetSpec(
         seed=scenario.seed,
+        run_id=run_id,
         vehicles=fleet.vehicles,
         area=Area(fleet.area.lat, fleet.area.lon, fleet.area.radius_km),
         profiles=tuple(

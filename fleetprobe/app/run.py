@@ -32,6 +32,7 @@ from fleetprobe.core.errors import FleetprobeError
 from fleetprobe.core.events import RunEventFanout
 from fleetprobe.core.queues import QueueState
 from fleetprobe.core.times import iso_utc
+from fleetprobe.core.trace_ids import new_run_id
 from fleetprobe.exporters.alerts import AlertSender
 from fleetprobe.exporters.fault_timeline import render_fault_timeline
 from fleetprobe.exporters.health import HealthMonitor, HealthPolicy
@@ -73,6 +74,7 @@ class RunOptions:
     registry: CollectorRegistry | None = None  # where the metrics live (default: a new one)
     on_listening: Callable[[int], None] | None = None  # told the /metrics port once served
     tracker_capacity: int = TRACKER_CAPACITY  # signals in flight at most
+    run_id: str | None = None  # None: a random one (trace ids derive from seed and run id)
 
     def metrics_address(self, scenario: Scenario) -> str | None:
         """Where /metrics is served: this option, else the scenario's, else nowhere."""
@@ -91,7 +93,8 @@ class _Run:
     def __init__(self, loaded: LoadedScenario, options: RunOptions) -> None:
         self.scenario = scenario = loaded.scenario
         self.options = options
-        self.plan = make_plan(scenario, loaded.base_dir)
+        self.run_id = options.run_id or new_run_id()
+        self.plan = make_plan(scenario, loaded.base_dir, self.run_id)
         self.duration_s = scenario.duration if options.duration_s is None else options.duration_s
         self.registry = registry = options.registry or CollectorRegistry()
         chains, name = self.plan.chains, scenario.name
@@ -108,6 +111,7 @@ class _Run:
             list(self.plan.signals),
             chains,
             faults=[fault.label for fault in scenario.faults.timeline],
+            run_id=self.run_id,
         )
         self.book = ResultBook(list(self.plan.signals), chains)
         health = scenario.health
@@ -160,7 +164,8 @@ class _Run:
         async with AsyncExitStack() as serving:
             async with AsyncExitStack() as stack:
                 if traces_path:
-                    self.events.add(stack.enter_context(TraceLog(traces_path, self.plan.chains)))
+                    trace_log = TraceLog(traces_path, self.plan.chains, self.run_id)
+                    self.events.add(stack.enter_context(trace_log))
                 try:
                     if self.options.handle_signals:
                         # Until the reports are written and the linger is over.
@@ -384,6 +389,7 @@ class _Run:
         )
         self.faults.record_recoveries(result.expectations)
         record = RunRecord(
+            self.run_id,
             self.book,
             started_at,
             iso_utc(time.time_ns()),

@@ -42,6 +42,7 @@ from fleetprobe.app.run import STARTUP_TIMEOUT_S, RunOptions, run_scenario
 from fleetprobe.app.scenario import LoadedScenario, load_scenario
 from fleetprobe.app.scenario.models import Scenario
 from fleetprobe.core.times import iso_utc
+from fleetprobe.core.trace_ids import new_run_id
 from fleetprobe.exporters.merged_metrics import merge_expositions
 from fleetprobe.exporters.results import ResultBook
 from fleetprobe.exporters.saturation import merge_reports
@@ -78,6 +79,7 @@ class ShardJob:
     """What a worker process is asked to run (crosses the process boundary pickled)."""
 
     scenario_path: str
+    run_id: str
     shard: tuple[int, int]
     duration_s: float | None
     traces_path: str | None
@@ -112,7 +114,8 @@ async def run_workers(
     refused = unshardable_parts(scenario)
     if refused:
         raise ValueError(f"--workers {count} cannot run {', '.join(refused)}; use --workers 1")
-    plan = make_plan(scenario, loaded.base_dir)
+    run_id = options.run_id or new_run_id()  # one for every shard: they are one run
+    plan = make_plan(scenario, loaded.base_dir, run_id)
     duration_s = scenario.duration if options.duration_s is None else options.duration_s
     deadline_s = 2 * STARTUP_TIMEOUT_S + duration_s + plan.drain_s + GRACE_S
     prometheus = scenario.exporters.prometheus
@@ -137,6 +140,7 @@ async def run_workers(
             jobs = [
                 ShardJob(
                     scenario_path,
+                    run_id,
                     (index, count),
                     options.duration_s,
                     str(Path(scratch, f"traces-{index}.jsonl")) if traces else None,
@@ -147,7 +151,7 @@ async def run_workers(
             ]
             await _run_all(jobs, workers, interruption, deadline_s)
             record = _merge(
-                workers, plan.signals, plan.chains, started_at, started_ns, interruption
+                run_id, workers, plan.signals, plan.chains, started_at, started_ns, interruption
             )
             if traces:  # the shards that ended with results: their lines have verdicts
                 _join_traces([w.job.traces_path for w in workers if w.record is not None], traces)
@@ -246,6 +250,7 @@ async def _forward_again(workers: list[_Worker], interruption: Interruption) -> 
 
 
 def _merge(
+    run_id: str,
     workers: list[_Worker],
     signals: Iterable[str],
     chains: Sequence[ChainSpec],
@@ -265,6 +270,7 @@ def _merge(
         for change in w.record.health
     ]
     return RunRecord(
+        run_id,
         book,
         started_at,
         iso_utc(time.time_ns()),
@@ -365,6 +371,7 @@ def _worker_main(job: ShardJob, results: Connection) -> None:
     options = RunOptions(
         duration_s=job.duration_s,
         shard=job.shard,
+        run_id=job.run_id,
         metrics_listen="127.0.0.1:0" if job.serve_metrics else None,
         registry=registry,
         on_listening=lambda port: results.send(("listening", port)),
