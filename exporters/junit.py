@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from fleetprobe.exporters.files import write_atomically
+
 
 class JudgedObjective(Protocol):
     """What the JUnit file needs of an objective's outcome."""
@@ -24,7 +26,11 @@ class JudgedObjective(Protocol):
 def write_junit(
     path: str | Path, suite: str, outcomes: Sequence[JudgedObjective], time_s: float
 ) -> None:
-    """Write a JUnit XML file with one test case per outcome."""
+    """Write a JUnit XML file with one test case per outcome, replacing it atomically.
+
+    Raises:
+        OSError: it could not be written; the previous file is left as it was.
+    """
     failures = sum(1 for o in outcomes if not o.ok)
     root = ET.Element("testsuites", tests=str(len(outcomes)), failures=str(failures))
     suite_element = ET.SubElement(
@@ -43,6 +49,5 @@ def write_junit(
             failure.text = outcome.explanation
         else:
             ET.SubElement(case, "system-out").text = outcome.explanation
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(root).write(target, encoding="utf-8", xml_declaration=True)
+    text = ET.tostring(root, encoding="unicode", xml_declaration=True)
+    write_atomically(path, text + "\n")

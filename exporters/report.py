@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetprobe.core.results import COUNTED_RESULTS
+from fleetprobe.exporters.files import write_atomically
 from fleetprobe.exporters.results import ResultBook
 
 
@@ -75,9 +76,9 @@ def _ratio(value: float | None) -> float | None:
 
 
 def write_json(path: str | Path, document: dict[str, Any]) -> None:
-    """Write ``document`` to ``path`` (parents created), replacing it atomically."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    partial.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    partial.replace(target)
+    """Write ``document`` to ``path``, replacing it atomically (see :func:`write_atomically`).
+
+    Raises:
+        OSError: it could not be written; the previous file is left as it was.
+    """
+    write_atomically(path, json.dumps(document, indent=2) + "\n")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -11,6 +13,8 @@ from fleetprobe.core.events import RunEvents
 from fleetprobe.core.results import PENDING, SKIPPED, FollowedSignal
 from fleetprobe.core.times import iso_utc
 from fleetprobe.probes.chains import ChainSpec
+
+log = logging.getLogger("fleetprobe")
 
 
 def trace_line(followed: FollowedSignal, chain: ChainSpec, run_id: str) -> dict[str, Any]:
@@ -53,28 +57,62 @@ def trace_line(followed: FollowedSignal, chain: ChainSpec, run_id: str) -> dict[
 
 
 class TraceLog(RunEvents):
-    """Appends the line of each retired signal to a file: a sink of the run's events, and a
-    context manager that flushes on exit."""
+    """Appends the line of each retired signal to a file: a sink of the run's events.
+
+    The file is opened by :meth:`open` when the run starts emitting, so a start that fails
+    leaves the previous run's log as it was. An I/O error (a full disk) stops the log, is
+    logged once and kept in :attr:`error`; it never stops the run.
+    """
 
     def __init__(self, path: str | Path, chains: Sequence[ChainSpec], run_id: str) -> None:
         self.path = Path(path)
         self._chains = tuple(chains)
         self._run_id = run_id
         self._file: IO[str] | None = None
+        self.written = 0
+        self.error: str | None = None
+
+    def open(self) -> None:
+        """Start the file anew."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("w", encoding="utf-8", buffering=1 << 16)
+        except OSError as error:
+            self._failed(error)
+
+    def close(self) -> None:
+        """Flush and close the file (what is buffered is written now)."""
+        file, self._file = self._file, None
+        if file is None:
+            return
+        try:
+            file.close()
+        except OSError as error:
+            self._failed(error)
 
     def __enter__(self) -> TraceLog:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w", encoding="utf-8", buffering=1 << 16)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.close()
 
     def retired(self, followed: FollowedSignal) -> None:
         """Append the line of a retired signal."""
         if self._file is None:
-            raise RuntimeError("TraceLog used outside 'with'")
+            return  # not open yet (nothing was emitted), or stopped by an error
         line = trace_line(followed, self._chains[followed.chain_index], self._run_id)
-        self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+        try:
+            self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+        except OSError as error:
+            self._failed(error)
+            return
+        self.written += 1
+
+    def _failed(self, error: OSError) -> None:
+        if self.error is None:
+            self.error = error.strerror or str(error)
+            log.error("trace log %s: %s; no more lines are written", self.path, self.error)
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):  # its buffer cannot be written either
+                file.close()

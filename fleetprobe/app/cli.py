@@ -181,7 +181,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="fleetprobe",
         description="Synthetic end-to-end probe for vehicle/IoT platforms.",
         epilog="Exit codes: 0 objectives met, 1 an objective failed, 2 bad scenario or usage, "
-        "3 target unreachable, 130/143 interrupted.",
+        "3 target unreachable, 5 a report could not be written, 130/143/129 interrupted "
+        "(SIGINT/SIGTERM/SIGHUP).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")

@@ -6,6 +6,7 @@ One process or several shard processes end the same way, from one :class:`Result
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -19,6 +20,8 @@ from fleetprobe.exporters.report import build_report, write_json
 from fleetprobe.exporters.results import ResultBook
 from fleetprobe.exporters.saturation import summary_lines
 from fleetprobe.exporters.summary import render_summary
+
+log = logging.getLogger("fleetprobe")
 
 
 @dataclass
@@ -47,6 +50,8 @@ class RunRecord:
     health: list[dict[str, Any]]
     prober: dict[str, Any]
     mqtt: dict[str, Any]  # per role (fleet, observer): sessions, reconnects, outages
+    started: bool = True  # whether emission began: a start that failed writes no reports
+    output_errors: dict[str, str] = field(default_factory=dict)  # by output: why not written
 
 
 def conclude(
@@ -80,15 +85,15 @@ def conclude(
         health=record.health,
     )
     result.report["prober"] = record.prober
+    result.report["output_errors"] = record.output_errors  # the dict is filled in place
     result.report["mqtt"] = record.mqtt
     result.report.update(sections or {})
     if result.expectations:
         result.report["expectations"] = [e.as_dict() for e in result.expectations]
-    exporters = scenario.exporters
-    if exporters.json_path:
-        write_json(exporters.json_path, result.report)
-    if exporters.junit:
-        write_junit(exporters.junit, scenario.name, judged, record.elapsed_s)
+    if record.started or result.exit_code not in (ExitCode.BAD_SCENARIO, ExitCode.UNREACHABLE):
+        _write_reports(scenario, record, result, judged)
+    else:
+        log.warning("the run did not start: the previous reports, if any, are left as they were")
     if out is not None:
         print(render_summary(record.book, scenario.name), file=out)
         for line in [*summary_lines(record.prober), *notes]:
@@ -96,3 +101,30 @@ def conclude(
         for outcome in judged:
             print(("  ok    " if outcome.ok else "  FAIL  ") + outcome.explanation, file=out)
     return result
+
+
+def _write_reports(
+    scenario: Scenario, record: RunRecord, result: RunResult, judged: list[JudgedObjective]
+) -> None:
+    """Write junit.xml, then report.json (which then tells whether the rest was written);
+    an output that cannot be written is logged and kept in the report, never a crash, and
+    makes an otherwise clean run exit 5."""
+    exporters = scenario.exporters
+    errors = record.output_errors
+    if exporters.junit:
+        try:
+            write_junit(exporters.junit, scenario.name, judged, record.elapsed_s)
+        except OSError as error:
+            errors["junit"] = error.strerror or str(error)
+    if errors and result.exit_code == ExitCode.OK:
+        result.exit_code = result.report["exit_code"] = ExitCode.REPORTS_NOT_WRITTEN
+    if exporters.json_path:
+        try:
+            write_json(exporters.json_path, result.report)
+        except OSError as error:
+            errors["json"] = error.strerror or str(error)
+            if result.exit_code == ExitCode.OK:
+                result.exit_code = ExitCode.REPORTS_NOT_WRITTEN
+    for output, reason in errors.items():
+        path = {"junit": exporters.junit, "json": exporters.json_path}.get(output)
+        log.error("%s%s could not be written: %s", output, f" ({path})" if path else "", reason)

@@ -1,6 +1,7 @@
-"""SIGINT and SIGTERM during a run: the first stops what is going on (the start, the
-emission) and shortens the drain, the second ends the drain at once. The reports are
-written either way."""
+"""SIGINT, SIGTERM and SIGHUP during a run: the first stops what is going on (the start,
+the emission) and shortens the drain, the second ends the drain at once. The reports are
+written either way. SIGHUP (a closed terminal, a dropped SSH session) ends a run like
+SIGTERM, with exit code 129."""
 
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ class Interruption:
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        """Handle SIGINT and SIGTERM on the running loop while inside."""
+        """Handle SIGINT, SIGTERM and SIGHUP on the running loop while inside."""
         loop = asyncio.get_running_loop()
-        numbers = (signal.SIGINT, signal.SIGTERM)
+        numbers = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         for number in numbers:
             loop.add_signal_handler(number, self._received, number)
         try:

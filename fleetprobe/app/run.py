@@ -144,6 +144,7 @@ class _Run:
         )
         self.metrics.track_inflight(self.tracker.inflight)
         self.alerts: AlertSender | None = None
+        self.trace_log: TraceLog | None = None
         self.interruption = Interruption()
         self.result = RunResult(ExitCode.OK, {})
         out = options.out
@@ -164,8 +165,8 @@ class _Run:
         async with AsyncExitStack() as serving:
             async with AsyncExitStack() as stack:
                 if traces_path:
-                    trace_log = TraceLog(traces_path, self.plan.chains, self.run_id)
-                    self.events.add(stack.enter_context(trace_log))
+                    self.trace_log = TraceLog(traces_path, self.plan.chains, self.run_id)
+                    self.events.add(stack.enter_context(self.trace_log))
                 try:
                     if self.options.handle_signals:
                         # Until the reports are written and the linger is over.
@@ -302,6 +303,8 @@ class _Run:
             )
             self.live.phase = "emitting"
             self.emitter = emitter = Emitter(publisher, tracker, self.events, self.faults.fleet)
+            if self.trace_log is not None:
+                self.trace_log.open()  # only now: a start that fails leaves the last one
             self.emission_start_ns = time.monotonic_ns()
             background.append(
                 group.create_task(self.faults.run(self.emission_start_ns, publisher, emitter))
@@ -399,7 +402,10 @@ class _Run:
             self.health.as_report(),
             self.saturation.as_report(),
             {link.role: link.as_report(iso_utc) for link in self.links},
+            started=self.emission_start_ns is not None,
         )
+        if self.trace_log is not None and self.trace_log.error is not None:
+            record.output_errors["traces"] = self.trace_log.error
         sections, notes = {}, []
         if scenario.faults.timeline:
             sections["faults"] = self.faults.as_report(self.emission_start_ns)

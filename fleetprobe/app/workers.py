@@ -280,6 +280,8 @@ def _merge(
         sorted(health, key=lambda change: str(change["at"])),
         merge_reports([r.prober for r in records]),
         merge_link_reports([r.mqtt for r in records]),
+        started=any(r.started for r in records),
+        output_errors={k: v for r in records for k, v in r.output_errors.items()},
     )
 
 

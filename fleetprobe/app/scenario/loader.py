@@ -23,6 +23,7 @@ from fleetprobe.app.scenario.checks import cross_check
 from fleetprobe.app.scenario.interpolation import interpolate
 from fleetprobe.app.scenario.messages import error_message
 from fleetprobe.app.scenario.models import Scenario
+from fleetprobe.app.scenario.outputs import check_outputs
 from fleetprobe.app.scenario.yaml_tree import YamlTree, read_yaml
 from fleetprobe.core.errors import FleetprobeError
 
@@ -125,6 +126,11 @@ def parse_scenario(
         Problem(filename, *_place(tree, path), _breadcrumb(tree, path), message)
         for path, message in cross_check(scenario, base_dir)
     ]
+    if base_dir is not None:  # a scenario from a file: its outputs must be writable there
+        cross_problems += [
+            Problem(filename, *_place(tree, path), _breadcrumb(tree, path), message)
+            for path, message in check_outputs(scenario, Path(filename))
+        ]
     if cross_problems:
         raise ScenarioError(cross_problems)
     return scenario
