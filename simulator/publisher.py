@@ -10,11 +10,12 @@ is known.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
@@ -264,28 +265,50 @@ class MqttPublisher:
             sent_wall_ns,
         )
 
-    async def send(self, outgoing: Outgoing) -> None:
+    @contextlib.asynccontextmanager
+    async def send_slot(self, vin: str, qos: int) -> AsyncIterator[None]:
+        """Room to send ``vin``'s next QoS ``qos`` message now (see
+        :meth:`MqttSession.send_slot`): :meth:`prepare` inside it, so that the wait for a
+        free in-flight slot is the prober's, never the broker's.
+
+        Raises:
+            SendError: the vehicle's session is not back within ``READY_WAIT_S``.
+        """
+        await self._until_ready(vin)
+        async with self._session_for(vin).send_slot(qos):
+            yield
+
+    async def writable(self, vin: str) -> None:
+        """Return once ``vin``'s session can take more bytes (QoS 0 waits only for this)."""
+        await self._session_for(vin).writable()
+
+    async def send(self, outgoing: Outgoing, *, slot_held: bool = False) -> None:
         """Publish; with QoS 1 or 2, return once the broker acknowledged.
+
+        ``slot_held``: sent inside :meth:`send_slot`.
 
         Raises:
             SendError: the message could not be handed over (``reason`` says why).
         """
         emission = outgoing.emission
-        if not self.ready(emission.vin):
-            try:
-                async with asyncio.timeout(READY_WAIT_S):
-                    await self.wait_ready(emission.vin)
-            except TimeoutError:
-                raise SendError(
-                    f"publish to {outgoing.topic}: not connected", reason="disconnected"
-                ) from None
+        await self._until_ready(emission.vin)
         await self._session_for(emission.vin).publish(
             outgoing.topic,
             outgoing.payload,
             qos=outgoing.qos,
             user_properties=(("traceparent", emission.fields["traceparent"]),),
             correlation_data=bytes.fromhex(emission.trace_id),
+            slot_held=slot_held,
         )
+
+    async def _until_ready(self, vin: str) -> None:
+        if self.ready(vin):
+            return
+        try:
+            async with asyncio.timeout(READY_WAIT_S):
+                await self.wait_ready(vin)
+        except TimeoutError:
+            raise SendError(f"vehicle {vin}: not connected", reason="disconnected") from None
 
     def _session_for(self, vin: str) -> MqttSession:
         return self._sessions[self._key_of[vin]]

@@ -555,6 +555,26 @@ class MqttSession:
         """Received messages the application has not taken yet (at most ``inbound_limit``)."""
         return len(self._connected().inbound)
 
+    async def writable(self) -> None:
+        """Return once the connection has room for more bytes (its send buffer is below
+        the high-water mark)."""
+        await self._connected().writable()
+
+    @contextlib.asynccontextmanager
+    async def send_slot(self, qos: int) -> AsyncIterator[None]:
+        """Hold room to send one QoS ``qos`` message now: a free in-flight slot (the
+        broker's Receive Maximum) for QoS 1 and 2, and a writable connection. A sender that
+        stamps its message inside it starts the message's clock when the bytes can leave:
+        the wait here is the sender's own, never the broker's. Publish inside with
+        ``slot_held=True``."""
+        if qos:
+            async with self._in_flight:
+                await self._connected().writable()
+                yield
+        else:
+            await self._connected().writable()
+            yield
+
     async def publish(
         self,
         topic: str,
@@ -564,8 +584,11 @@ class MqttSession:
         user_properties: Sequence[tuple[str, str]] = (),
         correlation_data: bytes | None = None,
         timeout_s: float = 10.0,
+        slot_held: bool = False,
     ) -> None:
         """Publish one message; with QoS 1 or 2, return when the broker acknowledged it.
+
+        ``slot_held``: the caller holds a :meth:`send_slot` for it (else one is taken here).
 
         Raises:
             SendError: not connected, an invalid topic, too large, refused, or no ack in time.
@@ -584,6 +607,11 @@ class MqttSession:
             return
         try:
             async with asyncio.timeout(timeout_s):
+                if slot_held:
+                    await self._publish_acknowledged(
+                        connection, qos, topic, topic_bytes, properties, payload, size
+                    )
+                    return
                 async with self._in_flight:
                     await self._publish_acknowledged(
                         connection, qos, topic, topic_bytes, properties, payload, size
@@ -678,7 +706,9 @@ class MqttSession:
 
     def _connected(self) -> _Connection:
         if self._connection is None:
-            raise RuntimeError("MqttSession used outside 'async with'")
+            # Not entered yet, or the connection dropped (keepalive, the broker went away):
+            # either way nothing can be sent, and a sender counts that, never crashes.
+            raise SendError(f"{self.target.url}: not connected", reason="disconnected")
         return self._connection
 
 

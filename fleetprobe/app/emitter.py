@@ -26,9 +26,12 @@ INTERRUPTED = "interrupted"
 class Emitter:
     """Hands each emission to the publisher and the signal to every chain that follows it.
 
-    QoS 0 messages are written in line. QoS 1 and 2 messages wait for their acks in tasks,
-    at most ``MAX_UNACKED`` at a time: past that the emitter waits, and the emission lag
-    shows the back-pressure instead of hiding it.
+    A signal is stamped as sent, and followed, only once its bytes can leave: QoS 0 when
+    the socket takes more, QoS 1 and 2 once the session has a free in-flight slot. Waiting
+    for that is the prober's time (emission lag), never a hop's latency. QoS 0 messages
+    are written in line; QoS 1 and 2 wait for their slot and ack in tasks, at most
+    ``MAX_UNACKED`` at a time: past that the emitter waits, and the emission lag shows the
+    back-pressure instead of hiding it.
     """
 
     def __init__(
@@ -92,15 +95,45 @@ class Emitter:
             return
         qos = self._publisher.signals[emission.signal].qos
         if qos:
-            # Wait for room before the stamp: the wait is the prober's, shown as emission lag.
+            # At most MAX_UNACKED sends wait for a slot or an ack; past it the fleet waits,
+            # which shows as emission lag: the prober's back-pressure, never a hop's latency.
             await self._unacked.acquire()
             self._unacked_count += 1
-        if self._tracker.full and self._followers(emission):
-            if qos:
-                self._unacked_count -= 1
-                self._unacked.release()
-            self._overflow(emission, TRACKER_FULL)  # it could not be followed
+            task = asyncio.create_task(self._send_acknowledged(emission, intended_ns, qos, held))
+            self._pending.add(task)
+            task.add_done_callback(self._acked)
             return
+        # Room in the socket before the stamp: a full send buffer is the prober's wait.
+        await self._publisher.writable(emission.vin)
+        prepared = self._prepare(emission, intended_ns, held)
+        if prepared is not None:
+            await self._send(*prepared)
+
+    async def _send_acknowledged(
+        self, emission: Emission, intended_ns: int, qos: int, held: bool
+    ) -> None:
+        """Send a QoS 1/2 emission once its session has a free in-flight slot (the broker's
+        Receive Maximum), stamped only then, and wait for its acknowledgement."""
+        try:
+            async with self._publisher.send_slot(emission.vin, qos):
+                prepared = self._prepare(emission, intended_ns, held)
+                if prepared is not None:
+                    await self._send(*prepared, slot_held=True)
+        except SendError as error:  # the session went away while it waited for a slot
+            self._not_sent(emission, error.reason)
+        except asyncio.CancelledError:  # the run was stopped while it waited for a slot
+            self._not_sent(emission, INTERRUPTED)
+
+    def _prepare(
+        self, emission: Emission, intended_ns: int, held: bool
+    ) -> tuple[Outgoing, int | None, list[int], int] | None:
+        """Stamp ``emission`` as sent now and follow it: the outgoing message, its emission
+        lag (None when held back on purpose), the chains following it and how many copies
+        to send. None when the tracker is full: it is not sent (counted)."""
+        if self._tracker.full and self._followers(emission):
+            self._overflow(emission, TRACKER_FULL)  # it could not be followed
+            return None
+        faults = self._faults
         skew_ns = faults.skew_ns(emission.vin) if faults.any_active else 0
         outgoing = self._publisher.prepare(emission, intended_ns, clock_skew_ns=skew_ns)
         copies = 1
@@ -112,12 +145,7 @@ class Emitter:
             followed = self._follow(emission, intended_ns, outgoing)
             copies = 2 if faults.any_active and faults.duplicated() else 1
         lag_ns = None if held else outgoing.sent_ns - intended_ns
-        if qos == 0:
-            await self._send(outgoing, lag_ns, followed, copies)
-            return
-        task = asyncio.create_task(self._send(outgoing, lag_ns, followed, copies))
-        self._pending.add(task)
-        task.add_done_callback(self._acked)
+        return outgoing, lag_ns, followed, copies
 
     async def _emit_when_ready(self, emission: Emission, intended_ns: int) -> None:
         try:
@@ -191,12 +219,18 @@ class Emitter:
         self._unacked.release()
 
     async def _send(
-        self, outgoing: Outgoing, lag_ns: int | None, followed: list[int], copies: int
+        self,
+        outgoing: Outgoing,
+        lag_ns: int | None,
+        followed: list[int],
+        copies: int,
+        *,
+        slot_held: bool = False,
     ) -> None:
         lag_s = None if lag_ns is None else max(0.0, lag_ns / 1e9)
         try:
             for _ in range(copies):
-                await self._publisher.send(outgoing)
+                await self._publisher.send(outgoing, slot_held=slot_held)
         except SendError as error:
             self._send_failed(outgoing, lag_s, followed, error.reason)
             return
