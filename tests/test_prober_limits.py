@@ -3,9 +3,18 @@ side (a send slot, room in a socket) shows as its emission lag, never as a hop's
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from pathlib import Path
 
-from conftest import run_scenario_dict, scenario_dict
+import pytest
+from test_broker_restart import first_messages
+
+from conftest import run_scenario_dict, scenario_dict, write_scenario
+from fleetprobe.app.run import RunOptions, run_scenario
+from fleetprobe.app.scenario import load_scenario
+from fleetprobe.testbed.mosquitto import MosquittoProcess
+from fleetprobe.transport.mqtt import BrokerTarget
 
 
 async def test_held_acknowledgements_are_the_probers_wait_not_broker_timeouts(
@@ -40,3 +49,33 @@ async def test_held_acknowledgements_are_the_probers_wait_not_broker_timeouts(
     # Signals waited up to the 3 s hold for a slot: the prober's lag, said as such.
     assert report["emission_lag_s"]["max"] > 1.0
     assert report["prober"]["saturated"] and "emission_lag" in report["prober"]["limits_hit"]
+
+
+@pytest.mark.parametrize("objective", [False, True], ids=["no-objective", "with-objective"])
+async def test_a_target_gone_for_good_exits_3(
+    tmp_path: Path, prefix: str, objective: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The broker dies mid-run and never comes back: most signals are unsent, and the run
+    exits 3 (target unreachable), not 0 without objectives nor 1 with one; the summary's
+    percentage counts the unsent signals."""
+    broker = MosquittoProcess()
+    broker.start()
+    try:
+        scenario = scenario_dict(broker.url, prefix, duration="3s")
+        if objective:
+            scenario["slo"] = [{"chain": "telemetry", "success_ratio": 0.5}]
+        loaded = load_scenario(write_scenario(tmp_path / "s.yaml", scenario))
+        options = RunOptions(handle_signals=False, out=sys.stdout)
+        run = asyncio.create_task(run_scenario(loaded, options))
+        async with asyncio.timeout(20):
+            await first_messages(BrokerTarget(broker.host, broker.port), f"{prefix}/#", 5)
+        await asyncio.to_thread(broker.stop)
+        async with asyncio.timeout(60):
+            result = await run
+    finally:
+        broker.stop()
+    chain = result.report["chains"]["telemetry"]
+    assert chain["unsent"] > chain["ok"] > 0
+    assert result.exit_code == 3
+    ratio = chain["ok"] / (chain["ok"] + chain["failed"] + chain["unsent"])
+    assert f"ok {chain['ok']} ({100 * ratio:.2f}%)" in capsys.readouterr().out

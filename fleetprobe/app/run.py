@@ -145,6 +145,7 @@ class _Run:
         self.metrics.track_inflight(self.tracker.inflight)
         self.alerts: AlertSender | None = None
         self.trace_log: TraceLog | None = None
+        self.fleet_gone = False  # no fleet session was up when emission ended
         self.interruption = Interruption()
         self.result = RunResult(ExitCode.OK, {})
         out = options.out
@@ -317,6 +318,7 @@ class _Run:
                 await clock.run(self.duration_s, emitter.emit)
             finally:
                 gc.unfreeze()
+            self.fleet_gone = publisher.link.connected == 0  # not one session is back
             if emitter.queues["qos_acks"].depth:
                 log.info(
                     "emission ended; %d QoS 1/2 sends await their acknowledgement",
@@ -387,6 +389,15 @@ class _Run:
         exit_code = result.exit_code
         if exit_code == ExitCode.OK and self.interruption.signal_number is not None:
             exit_code = 128 + self.interruption.signal_number
+        unsent = sum(sum(s.send_errors.values()) for s in self.book.signals.values())
+        if exit_code == ExitCode.OK and self.fleet_gone and unsent:
+            # The target went away for good: no objective can pass a platform that is gone.
+            log.error(
+                "%s was unreachable when emission ended: %d signals could not be sent",
+                self.plan.broker.url,
+                unsent,
+            )
+            exit_code = ExitCode.UNREACHABLE
         result.expectations = judge(
             scenario.expect, self.plan.chains, self.ledger, self.faults.times(), time.monotonic_ns()
         )
