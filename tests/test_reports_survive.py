@@ -190,3 +190,43 @@ def test_a_start_that_fails_leaves_the_previous_reports_alone(tmp_path: Path) ->
     assert process.returncode == 3, err
     assert {name: (tmp_path / name).read_text() for name in previous} == previous
     assert "previous reports, if any, are left as they were" in err
+
+
+def test_a_device_is_no_scenario(tmp_path: Path) -> None:
+    """`validate /dev/zero` stops at the size bound instead of reading forever."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetprobe", "validate", "/dev/zero"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "/dev/zero:1:1: a scenario is at most 1048576 bytes" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "s.yaml", "--workers", "100000"], "is not a number of workers from 1 to 64"),
+        (["proxy", "--config", "/missing.json"], "--config /missing.json: [Errno 2]"),
+    ],
+    ids=["workers-capped", "proxy-config-missing"],
+)
+def test_bad_arguments_are_usage_errors_not_tracebacks(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    """An absurd --workers or a missing proxy config: exit 2 with the reason, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetprobe", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr

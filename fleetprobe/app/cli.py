@@ -127,10 +127,19 @@ def _proxy(args: argparse.Namespace) -> int:
 
     config = []
     if args.config:
-        with open(args.config, encoding="utf-8") as file:
-            config = json.load(file)
+        try:
+            with open(args.config, encoding="utf-8") as file:
+                config = json.load(file)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            print(f"fleetprobe proxy: --config {args.config}: {error}", file=sys.stderr)
+            return ExitCode.BAD_SCENARIO
         if not isinstance(config, list) or not all(isinstance(p, dict) for p in config):
-            raise ValueError(f"{args.config}: expected a JSON list of proxies, as for /populate")
+            print(
+                f"fleetprobe proxy: --config {args.config}: expected a JSON list of proxies, "
+                "as for /populate",
+                file=sys.stderr,
+            )
+            return ExitCode.BAD_SCENARIO
     return asyncio.run(serve(config))
 
 
@@ -148,9 +157,16 @@ def _shard(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+MAX_WORKERS = 64
+"""More shard processes than this on one machine only compete for its cores."""
+
+
+def _workers(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of workers from 1 to {MAX_WORKERS} (one per core; "
+            "past one machine, use --shard I/N on each)"
+        )
     return int(text)
 
 
@@ -199,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--workers",
-        type=_positive_int,
+        type=_workers,
         default=1,
         metavar="N",
         help="run the fleet as N shard processes (one per core) with one merged /metrics, "

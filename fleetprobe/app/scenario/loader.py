@@ -82,7 +82,13 @@ def load_scenario(path: str | Path, environ: Mapping[str, str] | None = None) ->
                     )
                 ]
             )
-        text = file.read_text(encoding="utf-8")
+        with file.open("rb") as stream:  # bounded: a device such as /dev/zero has no size
+            data = stream.read(MAX_SCENARIO_BYTES + 1)
+        if len(data) > MAX_SCENARIO_BYTES:
+            raise ScenarioError(
+                [Problem(str(path), 1, 1, "", f"a scenario is at most {MAX_SCENARIO_BYTES} bytes")]
+            )
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError([Problem(str(path), 1, 1, "", f"cannot read: {exc}")]) from None
     scenario = parse_scenario(text, str(path), environ, base_dir=file.parent)

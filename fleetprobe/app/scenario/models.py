@@ -36,6 +36,8 @@ from fleetprobe.transport.servers import split_listen
 from fleetprobe.transport.topics import check_topic_name
 
 PositiveDuration = Annotated[Duration, Field(gt=0)]
+MIN_INTERVAL_S = 0.001
+"""The shortest interval between two signals of a vehicle (the fleet clock's step)."""
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 _JITTER_PERCENT = re.compile(r"(\d+(?:\.\d*)?)%")
 
@@ -134,6 +136,12 @@ class CadenceConfig(Strict):
     def _jitter_below_every(self) -> CadenceConfig:
         if self.jitter_s >= self.every:
             raise ValueError("jitter must be smaller than every")
+        if self.every - self.jitter_s < MIN_INTERVAL_S:
+            # The fleet's clock steps no finer: a shorter interval would be stretched to it.
+            raise ValueError(
+                f"every{' minus its jitter' if self.jitter_s else ''} must be at least 1ms "
+                f"(is {(self.every - self.jitter_s) * 1000:g}ms)"
+            )
         return self
 
 
