@@ -83,6 +83,8 @@ async def _body(request: web.Request, expected: type) -> Any:
         body = json.loads(await request.read() or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ProxyError(f"bad request body: {error}", 400) from None
+    except RecursionError:
+        raise ProxyError("bad request body: nested too deeply", 400) from None
     if not isinstance(body, expected):
         raise ProxyError(f"bad request body: expected a JSON {expected.__name__}", 400)
     return body

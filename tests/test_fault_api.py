@@ -195,6 +195,17 @@ async def test_bad_json_is_a_400_with_toxiproxy_error_body(
     assert body["status"] == 400 and body["error"].startswith("bad request body:")
 
 
+async def test_deeply_nested_json_is_a_400_not_a_crash(
+    api: tuple[str, aiohttp.ClientSession],
+) -> None:
+    """100,000 nested lists: a 400 saying so, not a 500 from a RecursionError."""
+    base, session = api
+    async with session.post(base + "/proxies", data=b"[" * 100_000 + b"]" * 100_000) as response:
+        assert response.status == 400
+        body = await response.json(content_type=None)
+    assert body["error"] == "bad request body: nested too deeply"
+
+
 async def test_a_port_in_use_is_a_500_naming_the_address(
     api: tuple[str, aiohttp.ClientSession], echo_port: int
 ) -> None:

@@ -103,6 +103,11 @@ class HttpClient:
                     )
             except TimeoutError:
                 raise HttpError(f"{method} {url}: no answer in time", reason="timeout") from None
+            except aiohttp.ClientConnectorCertificateError as error:
+                raise HttpError(
+                    f"{method} {url}: certificate not trusted ({error.certificate_error})",
+                    reason="tls",
+                ) from None
             except aiohttp.ClientConnectorError as error:
                 raise HttpError(
                     f"{method} {url}: {error.strerror or error}", reason="refused"
@@ -113,6 +118,8 @@ class HttpClient:
                 ) from None
             except aiohttp.ClientError as error:
                 raise HttpError(f"{method} {url}: {error}", reason="connection") from None
+            except ValueError as error:  # a header value aiohttp refuses (CR/LF, ...)
+                raise HttpError(f"{method} {url}: {error}", reason="bad_request") from None
 
     async def _read(self, response: aiohttp.ClientResponse, url: str) -> bytes:
         declared = response.content_length

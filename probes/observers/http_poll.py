@@ -9,6 +9,7 @@ bodies without the id are "not seen yet" and counted by reason, never a result.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import OrderedDict
 from typing import Any
@@ -25,6 +26,9 @@ from fleetprobe.simulator.templates import TextTemplate
 from fleetprobe.transport.http import HttpClient, HttpError
 
 MAX_REMEMBERED_URLS = 100_000
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
 
 
 class HttpPollHop(HopConfig):
@@ -52,6 +56,17 @@ class HttpPollHop(HopConfig):
             # A signal's values must never choose where requests go.
             raise ValueError("placeholders may stand in the path and query only, not the host")
         return url
+
+    @field_validator("headers")
+    @classmethod
+    def _valid_headers(cls, headers: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, value in headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not an HTTP header name")
+            if any(c in value.get_secret_value() for c in "\r\n\0"):
+                # Never echoed: the value may be a secret from ${ENV}.
+                raise ValueError(f"the value of header {name!r} has a line break or NUL")
+        return headers
 
     @model_validator(mode="after")
     def _one_trace_id_source(self) -> HttpPollHop:

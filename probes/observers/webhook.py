@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -103,6 +104,11 @@ class WebhookObserver(Observer, kind="webhook", config=WebhookHop):
             for route in routes:
                 errors(route.chain_index, route.hop_index, "too_large")
             raise
+        except (ConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError):
+            # The caller went away mid-body: a refused call of its own, not the receiver's.
+            for route in routes:
+                errors(route.chain_index, route.hop_index, "incomplete")
+            return web.Response(status=400)
         body: Any = parse_json(raw)
         accepted = False
         for route in routes:
@@ -138,6 +144,6 @@ def _signature_refusal(config: WebhookHop, request: web.Request, raw: bytes) -> 
         return "missing_signature"
     key = config.secret.get_secret_value().encode()
     expected = SIGNATURE_PREFIX + hmac.new(key, raw, hashlib.sha256).hexdigest()
-    return (
-        None if hmac.compare_digest(given.strip().encode(), expected.encode()) else "bad_signature"
-    )
+    # Bytes outside ASCII in the header (decoded with surrogates) cannot match a hex digest.
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    return None if hmac.compare_digest(given_bytes, expected.encode()) else "bad_signature"

@@ -1,0 +1,107 @@
+"""Peers that send what no well-behaved client sends get a counted answer, never a crash or
+a traceback: bytes outside ASCII in a signature, a body cut short, a header with a line
+break, a certificate nobody trusts."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+from aiohttp import web
+from pydantic import ValidationError
+from test_http_observers import Record, observing
+
+from fleetprobe.probes.observers.http_poll import HttpPollHop
+from fleetprobe.probes.observers.webhook import WebhookHop, WebhookObserver
+from fleetprobe.transport.http import HttpClient, HttpError
+
+
+async def raw_request(port: int, head: bytes, body: bytes, *, close_early: bool) -> bytes:
+    """Send ``head`` and ``body`` to 127.0.0.1:``port`` byte for byte; with
+    ``close_early``, go away before the body is complete and return nothing."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + body)
+    await writer.drain()
+    if close_early:
+        writer.close()
+        return b""
+    async with asyncio.timeout(10):
+        answer = await reader.read(4096)
+    writer.close()
+    return answer
+
+
+async def test_a_signature_with_bytes_outside_ascii_is_a_counted_401(tmp_path: Path) -> None:
+    """A signature header of raw 0xff bytes: 401 and `bad_signature`, not a 500."""
+    record = Record()
+    config = WebhookHop(path="/hooks/t", secret="s3cret")
+    async with observing(WebhookObserver, config, record) as (_, observer):
+        body = b'{"trace_id": "0123456789abcdef0123456789abcdef"}'
+        head = (
+            b"POST /hooks/t HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"X-Hub-Signature-256: sha256=\xff\xfe\xfd\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        answer = await raw_request(observer.port, head, body, close_early=False)
+    assert answer.startswith(b"HTTP/1.1 401")
+    assert record.hop_errors == {"bad_signature": 1}
+
+
+async def test_a_caller_that_goes_away_mid_body_is_counted_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Content-Length 1000, 10 bytes, then the connection closes: counted `incomplete`."""
+    counted = asyncio.Event()
+
+    class Counting(Record):
+        def hop_error(self, chain_index: int, hop_index: int, reason: str) -> None:
+            super().hop_error(chain_index, hop_index, reason)
+            counted.set()
+
+    record = Counting()
+    config = WebhookHop(path="/hooks/t")
+    async with observing(WebhookObserver, config, record) as (_, observer):
+        head = b"POST /hooks/t HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+        await raw_request(observer.port, head, b"0123456789", close_early=True)
+        async with asyncio.timeout(10):
+            await counted.wait()
+    assert record.hop_errors == {"incomplete": 1}
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+@pytest.mark.parametrize("value", ["a\r\nInjected: 1", "a\nb", "a\0b"])
+def test_a_poll_header_with_a_line_break_is_a_scenario_error(value: str) -> None:
+    """A header value from ${ENV} with CR/LF or NUL is refused, and the value is not echoed."""
+    with pytest.raises(ValidationError) as raised:
+        HttpPollHop(url="http://127.0.0.1:1/x", headers={"Authorization": value})
+    message = str(raised.value)
+    assert "the value of header 'Authorization' has a line break or NUL" in message
+    assert value not in message
+
+
+async def test_an_untrusted_certificate_is_reason_tls_not_refused(tmp_path: Path) -> None:
+    """https to a server whose certificate no CA we trust signed: reason `tls`."""
+    authority = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    app = web.Application()
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with HttpClient(concurrency=1) as client:
+            with pytest.raises(HttpError) as raised:
+                await client.request("GET", f"https://127.0.0.1:{port}/")
+    finally:
+        await runner.cleanup()
+    assert raised.value.reason == "tls"
+    assert "certificate not trusted" in str(raised.value)
