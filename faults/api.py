@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from fleetprobe.faults.proxy import ProxyError, ProxySet
 from fleetprobe.faults.toxics import ToxicSpec
-from fleetprobe.transport.servers import serve, split_listen
+from fleetprobe.transport.servers import serve, split_listen, warn_if_open
 
 log = logging.getLogger("fleetprobe.faults")
 
@@ -210,6 +210,7 @@ async def serve_until_stopped(listen: str, proxies: ProxySet) -> None:
     """
     host, port = split_listen(listen)
     runner, bound = await serve(make_app(proxies), host, port)
+    warn_if_open("the proxy API", host, bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for number in (signal.SIGINT, signal.SIGTERM):

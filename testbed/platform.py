@@ -28,7 +28,7 @@ from fleetprobe.testbed.topics import TestbedTopics, as_filter
 from fleetprobe.testbed.webhooks import WebhookSender, WebhookTarget
 from fleetprobe.transport.errors import ConnectError
 from fleetprobe.transport.mqtt import BrokerTarget
-from fleetprobe.transport.servers import serve
+from fleetprobe.transport.servers import serve, warn_if_open
 
 __all__ = ["Testbed", "TestbedTopics"]
 
@@ -147,6 +147,7 @@ class Testbed:
                 await self._start(name, component)
             app = create_app(self.store, self.knobs, self.counters)
             runner, self._port = await serve(app, self.http_host, self._requested_port)
+            warn_if_open("the testbed's control endpoint", self.http_host, self._port)
             stack.push_async_callback(runner.cleanup)
             self._stack = stack.pop_all()
         return self

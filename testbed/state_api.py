@@ -19,6 +19,7 @@ import asyncio
 import json
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -93,6 +94,14 @@ async def _stage_control(request: web.Request) -> web.Response:
     return web.json_response(knobs.as_dict())
 
 
+def _cross_site(request: web.Request) -> bool:
+    """Whether a browser sent ``request`` from a page of another origin."""
+    if request.headers.get("Sec-Fetch-Site", "") == "cross-site":
+        return True
+    origin = request.headers.get("Origin")
+    return origin is not None and urlsplit(origin).netloc != request.host
+
+
 def _stage_knobs(request: web.Request) -> StageKnobs | None:
     return request.app[_KNOBS].get(request.match_info["stage"])
 
@@ -103,6 +112,10 @@ def _unknown_stage(request: web.Request) -> web.Response:
 
 
 async def _update_control(request: web.Request) -> web.Response:
+    if _cross_site(request):
+        # A web page in the operator's browser must not break the platform: browsers say
+        # where a request comes from, curl and fleetprobe send no Origin.
+        return _error(403, "cross-site requests are refused")
     knobs = _stage_knobs(request)
     if knobs is None:
         return _unknown_stage(request)

@@ -5,18 +5,27 @@ break, a certificate nobody trusts."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from pathlib import Path
 
+import aiohttp
 import pytest
 import trustme
 from aiohttp import web
 from pydantic import ValidationError
 from test_http_observers import Record, observing
 
+from fleetprobe.core.events import RunEvents
+from fleetprobe.probes.chains import ChainSpec, HopSpec
+from fleetprobe.probes.observers import ObserverContext, WatchedHop
 from fleetprobe.probes.observers.http_poll import HttpPollHop
 from fleetprobe.probes.observers.webhook import WebhookHop, WebhookObserver
+from fleetprobe.probes.tracker import Tracker
+from fleetprobe.testbed.platform import Testbed
+from fleetprobe.testbed.topics import TestbedTopics
 from fleetprobe.transport.http import HttpClient, HttpError
+from fleetprobe.transport.mqtt import BrokerTarget
 
 
 async def raw_request(port: int, head: bytes, body: bytes, *, close_early: bool) -> bytes:
@@ -105,3 +114,45 @@ async def test_an_untrusted_certificate_is_reason_tls_not_refused(tmp_path: Path
         await runner.cleanup()
     assert raised.value.reason == "tls"
     assert "certificate not trusted" in str(raised.value)
+
+
+async def test_the_testbed_refuses_a_cross_site_browser_post(
+    broker: BrokerTarget, prefix: str
+) -> None:
+    """A page of another origin POSTing text/plain to /control is refused (403) and changes
+    nothing; the same body from curl (no Origin) is taken."""
+    async with Testbed(broker, topics=TestbedTopics.under(prefix), seed=3) as testbed:
+        url = f"{testbed.url}/control/processor"
+        body = b'{"drop": 1.0}'
+        cross_site = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, data=body, headers=cross_site) as response:
+                assert response.status == 403
+            assert testbed.knobs["processor"].drop_ratio == 0.0
+            async with http.post(url, data=body, headers={"Sec-Fetch-Site": "cross-site"}) as r:
+                assert r.status == 403
+            async with http.post(url, data=body) as response:
+                assert response.status == 200
+        assert testbed.knobs["processor"].drop_ratio == 1.0
+
+
+@pytest.mark.parametrize(
+    ("host", "warned"), [("127.0.0.1", False), ("0.0.0.0", True)], ids=["loopback", "beyond"]
+)
+async def test_a_receiver_without_a_secret_beyond_loopback_is_warned_of(
+    host: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The webhook receiver, unsigned, on 0.0.0.0: a warning that anyone may call it; on
+    127.0.0.1 none."""
+    tracker = Tracker([ChainSpec("c", "t", (HopSpec("h", 1.0),))], RunEvents())
+    context = ObserverContext(tracker, BrokerTarget("127.0.0.1", 1), RunEvents(), (host, 0))
+    observer = WebhookObserver([WatchedHop(0, 0, "c", "h", WebhookHop(path="/x"))], context)
+    with caplog.at_level(logging.WARNING, logger="fleetprobe"):
+        await observer.start()
+        await observer.close()
+    messages = [record.getMessage() for record in caplog.records]
+    warnings = [m for m in messages if "without authentication" in m]
+    assert bool(warnings) is warned
+    if warned:
+        receiver = "the webhook receiver (/x without a secret)"
+        assert warnings[0].startswith(f"{receiver} listens on 0.0.0.0")

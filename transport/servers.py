@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
 
 from aiohttp import web
 
 from fleetprobe.core.errors import FleetprobeError
+
+log = logging.getLogger("fleetprobe")
 
 
 class ListenError(FleetprobeError):
@@ -32,6 +36,29 @@ async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
     sockets = getattr(server, "sockets", None) or []
     bound = sockets[0].getsockname()[1] if sockets else port
     return runner, int(bound)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``): only this machine reaches it."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def warn_if_open(what: str, host: str, port: int) -> None:
+    """Log a warning when ``what``, a server that asks no one for credentials, listens
+    beyond loopback: anyone who reaches the address may use it."""
+    if not is_loopback(host):
+        log.warning(
+            "%s listens on %s:%d without authentication: anyone who can reach that address "
+            "can use it (bind 127.0.0.1 unless that is what you want)",
+            what,
+            host,
+            port,
+        )
 
 
 def split_listen(listen: str) -> tuple[str, int]:

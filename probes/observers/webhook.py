@@ -23,7 +23,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from fleetprobe.probes.json_paths import PathText
 from fleetprobe.probes.observers.base import HopConfig, Observer, ObserverContext, WatchedHop
 from fleetprobe.probes.trace_ids import TraceIdReader, Unmatched, one_source, parse_json
-from fleetprobe.transport.servers import serve
+from fleetprobe.transport.servers import serve, warn_if_open
 
 SIGNATURE_PREFIX = "sha256="
 
@@ -84,6 +84,10 @@ class WebhookObserver(Observer, kind="webhook", config=WebhookHop):
             app.router.add_post(path, self._receive)
         host, port = self.context.webhook_listen
         self._runner, self.port = await serve(app, host, port)
+        unsigned = sorted(p for p, routes in self._routes.items() if not routes[0].config.secret)
+        if unsigned:
+            what = f"the webhook receiver ({', '.join(unsigned)} without a secret)"
+            warn_if_open(what, host, port)
 
     async def run(self) -> None:
         # The server runs on its own; this task only keeps the observer alive until cancelled.
