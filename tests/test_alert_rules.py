@@ -1,24 +1,39 @@
 """The Prometheus rules in deploy/prometheus: valid for promtool, their unit tests pass, and
-they read only what fleetprobe exports."""
+they read only what fleetprobe exports, by the labels it exports them with."""
 
 from __future__ import annotations
 
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import yaml
 
-from exposition import PROMETHEUS_SERIES, REPO, RULES, metric_names
+from exposition import (
+    PROMETHEUS_SERIES,
+    PROMETHEUS_SERIES_LABELS,
+    REPO,
+    RULES,
+    LabelError,
+    Series,
+    exported_labels,
+    metric_names,
+    result_labels,
+    with_recorded,
+)
 
 RULE_TESTS = RULES.with_name("fleetprobe-rules.test.yml")
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.needs_tool("promtool", "prometheus")
 # A query inside an annotation template: {{ with printf `QUERY` $labels.x ... | query }}.
 _TEMPLATE_QUERY = re.compile(r"printf\s+`([^`]*)`")
+# The same with what the template reads of the query's result, up to its {{ end }}.
+_TEMPLATE_BLOCK = re.compile(r"printf\s+`([^`]*)`(.*?)\{\{-?\s*end\b", re.DOTALL)
+_RESULT_LABEL = re.compile(r'\blabel\s+"(\w+)"')  # {{ ... | label "failed_hop" }}
+_ALERT_LABEL = re.compile(r"\$labels\.(\w+)")  # {{ $labels.chain }}
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -45,8 +60,49 @@ def template_queries(rule: dict[str, Any]) -> list[str]:
     found = []
     for text in rule.get("annotations", {}).values():
         for query in _TEMPLATE_QUERY.findall(text):
-            found.append(query.replace("%q", '"x"').replace("%s", "x"))
+            found.append(_filled(query))
     return found
+
+
+def _filled(query: str) -> str:
+    return query.replace("%q", '"x"').replace("%s", "x")
+
+
+def rule_label_problems(rule: dict[str, Any], known: Series) -> list[str]:
+    """Every label name ``rule`` uses that what it applies to lacks: in its expression, in
+    its annotation templates' queries and in what they read of a result (``label "x"``),
+    and every ``$labels.x`` of an alert's templates that the alert does not carry (its
+    expression's result labels, its own labels and alertname)."""
+    problems = []
+    try:
+        result = result_labels(rule["expr"], known)
+    except LabelError as error:
+        problems.append(str(error))
+        result = None
+    if "alert" in rule and result is not None:
+        carried = result | set(rule.get("labels", {})) | {"alertname"}
+        for text in [*rule.get("annotations", {}).values(), *rule.get("labels", {}).values()]:
+            for name in _ALERT_LABEL.findall(text):
+                if name not in carried:
+                    problems.append(f"$labels.{name}: the alert carries only {sorted(carried)}")
+    for text in rule.get("annotations", {}).values():
+        for query, template in _TEMPLATE_BLOCK.findall(text):
+            try:
+                read = result_labels(_filled(query), known) or frozenset()
+            except LabelError as error:
+                problems.append(str(error))
+                continue
+            for name in _RESULT_LABEL.findall(template):
+                if name not in read:
+                    problems.append(f'label "{name}" of {query!r}: it yields only {sorted(read)}')
+    return problems
+
+
+@pytest.fixture(scope="module")
+def known_labels(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Series:
+    """Labels of what rules read: a real run's series, `up`, and what the rules record."""
+    exported = exported_labels(broker_url, tmp_path_factory)
+    return with_recorded({**exported, **PROMETHEUS_SERIES_LABELS})
 
 
 @needs_promtool
@@ -128,3 +184,84 @@ def test_recording_rules_are_used() -> None:
             read |= metric_names(expr)
     recorded = {rule["record"] for rule in rules() if "record" in rule}
     assert recorded - read == set()
+
+
+def test_rules_use_only_labels_their_series_have(known_labels: Series) -> None:
+    """Every label a rule, its annotation queries and its $labels use exists where it reads."""
+    # Matchers, by/without, on/ignoring, group_left/right, le of histogram_quantile, what a
+    # template reads of a query's result, $labels.x of an alert; against a real run's
+    # series and the labels each recording rule keeps.
+    problems = {
+        rule.get("alert") or rule["record"]: found
+        for rule in rules()
+        if (found := rule_label_problems(rule, known_labels))
+    }
+    assert problems == {}
+    texts = [text for rule in rules() for text in rule.get("annotations", {}).values()]
+    blocks = sum(len(_TEMPLATE_BLOCK.findall(text)) for text in texts)
+    assert blocks == sum(len(template_queries(rule)) for rule in rules()) > 0  # none escapes
+    recorded = {rule["record"] for rule in rules() if "record" in rule}
+    assert recorded <= set(known_labels)  # every recording rule passed and is known
+
+
+KNOWN: Series = {
+    "fleetprobe_hop_up": frozenset({"scenario", "chain", "hop", "job", "instance"}),
+    "fleetprobe_chain_results_total": frozenset(
+        {"scenario", "chain", "result", "failed_hop", "job", "instance"}
+    ),
+    "scenario_chain_failed_hop:fleetprobe_chain_failed:rate5m": frozenset(
+        {"scenario", "chain", "failed_hop"}
+    ),
+}
+
+
+def alert(expr: str, summary: str, description: str = "") -> dict[str, Any]:
+    """An alerting rule as the rules file writes one."""
+    return {
+        "alert": "Test",
+        "expr": expr,
+        "labels": {"severity": "critical"},
+        "annotations": {"summary": summary, "description": description},
+    }
+
+
+def _in_expr(label: str) -> dict[str, Any]:
+    return alert(f"min by (chain, {label}) (fleetprobe_hop_up) == 0", "{{ $labels.chain }}")
+
+
+def _in_alert_template(label: str) -> dict[str, Any]:
+    return alert("min by (chain) (fleetprobe_hop_up) == 0", f"{{{{ $labels.{label} }}}}")
+
+
+def _in_annotation_query(label: str) -> dict[str, Any]:
+    query = f"topk(1, fleetprobe_chain_results_total{{{label}=%q}})"
+    template = f"{{{{ with printf `{query}` $labels.chain | query }}}}{{{{ end }}}}"
+    return alert("fleetprobe_hop_up == 0", "x", template)
+
+
+def _in_annotation_result(label: str) -> dict[str, Any]:
+    query = "topk(1, scenario_chain_failed_hop:fleetprobe_chain_failed:rate5m{chain=%q})"
+    template = (
+        f"{{{{ with printf `{query}` $labels.chain | query }}}}"
+        f'{{{{ . | first | label "{label}" }}}}{{{{ end }}}}'
+    )
+    return alert("fleetprobe_hop_up == 0", "x", template)
+
+
+@pytest.mark.parametrize(
+    ("rule", "right", "wrong"),
+    [
+        (_in_expr, "hop", "hopp"),
+        (_in_alert_template, "chain", "hop"),  # summed away by the expression
+        (_in_annotation_query, "chain", "chainn"),
+        (_in_annotation_result, "failed_hop", "failed_hopp"),
+    ],
+    ids=["expr", "alert-template", "annotation-query", "annotation-result"],
+)
+def test_the_rule_check_names_a_wrong_label(
+    rule: Callable[[str], dict[str, Any]], right: str, wrong: str
+) -> None:
+    """A wrong label in a rule's expression, templates or annotation queries is named."""
+    assert rule_label_problems(rule(right), KNOWN) == []
+    problems = rule_label_problems(rule(wrong), KNOWN)
+    assert len(problems) == 1 and wrong in problems[0], problems

@@ -1,5 +1,6 @@
 """The Grafana dashboard and its provisioning in deploy/grafana: valid JSON, every query
-PromQL that reads only what fleetprobe exports, and files that point at each other."""
+PromQL that reads only what fleetprobe exports, by the labels it exports them with, and
+files that point at each other."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ import promql_parser
 import pytest
 import yaml
 
-from exposition import REPO, RULES, metric_names
+from exposition import (
+    REPO,
+    RULES,
+    LabelError,
+    Series,
+    exported_labels,
+    metric_names,
+    result_labels,
+    with_recorded,
+)
 
 GRAFANA = REPO / "deploy/grafana"
 DASHBOARD = GRAFANA / "fleetprobe.json"
@@ -25,6 +35,9 @@ BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h"}
 # $name, ${name}, ${name:format}, [[name]] (Grafana's variable syntaxes).
 _VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)(?::\w+)?\]\]")
 _LABEL_VALUES = re.compile(r"^label_values\((?:(.+),)?\s*(\w+)\s*\)$", re.DOTALL)
+_FORMAT_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")  # {{hop}} in a legend or a title
+# Columns of a table panel that are not labels of its queries' results.
+_NOT_A_LABEL = re.compile(r"^(Time|Value( #\w+)?)$")
 
 
 def dashboard() -> dict[str, Any]:
@@ -81,6 +94,38 @@ def substituted(expr: str) -> str:
     return _VARIABLE.sub(value, expr)
 
 
+def label_uses() -> Iterator[tuple[str, str | None, set[str]]]:
+    """Every query with where it is and the labels of its result that the dashboard shows:
+    a target's legend, the label columns its panel's transformations name (the targets of
+    a table are merged on them, so each target needs all), an annotation's title, text and
+    tags, a variable's label_values label."""
+    board = dashboard()
+    for panel in panels(board):
+        columns: set[str] = set()
+        for transformation in panel.get("transformations", []):
+            for key in ("indexByName", "renameByName", "excludeByName"):
+                columns |= set(transformation.get("options", {}).get(key, {}))
+        columns = {column for column in columns if not _NOT_A_LABEL.match(column)}
+        for target in panel.get("targets", []):
+            shown = set(_FORMAT_LABEL.findall(target.get("legendFormat", "")))
+            where = f"panel {panel['id']} ({panel['title']}) {target['refId']}"
+            yield where, target["expr"], shown | columns
+    for annotation in board["annotations"]["list"]:
+        if annotation.get("builtIn"):
+            continue
+        formats = annotation.get("titleFormat", "") + annotation.get("textFormat", "")
+        shown = set(_FORMAT_LABEL.findall(formats))
+        shown |= {key.strip() for key in annotation.get("tagKeys", "").split(",") if key.strip()}
+        yield f"annotation {annotation['name']}", annotation["expr"], shown
+    for variable in variables():
+        if variable["type"] == "query":
+            query = variable["query"]
+            text = query if isinstance(query, str) else query["query"]
+            match = _LABEL_VALUES.match(text.strip())
+            assert match, f"variable {variable['name']}: not label_values(...): {text}"
+            yield f"variable {variable['name']}", match[1], {match[2]}  # selector may be None
+
+
 def test_dashboard_is_json_with_unique_panel_ids() -> None:
     """The dashboard parses as JSON, has a uid and schema 39, and no two panels share an id."""
     board = dashboard()
@@ -116,6 +161,35 @@ def test_queries_read_only_what_fleetprobe_exports(exported_series: frozenset[st
         if missing := metric_names(substituted(expr)) - exported_series - recorded:
             unknown[where] = sorted(missing)
     assert unknown == {}
+
+
+@pytest.fixture(scope="module")
+def known_labels(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Series:
+    """Labels of what the dashboard reads: a real run's series and what the rules record."""
+    return with_recorded(exported_labels(broker_url, tmp_path_factory))
+
+
+def test_queries_use_only_labels_their_series_have(known_labels: Series) -> None:
+    """Every label a query, legend, annotation, variable or table column uses exists there."""
+    # In a query: matchers, by/without, on/ignoring, label_replace, le; checked against a
+    # real run's series. Shown of a result: legends, annotation titles, texts and tags,
+    # label_values labels, table columns; checked against the query's result labels.
+    problems = {}
+    found = list(label_uses())
+    for where, expr, shown in found:
+        try:
+            if expr is None:  # label_values(label): any series with the label
+                labels = frozenset().union(*known_labels.values())
+            else:
+                labels = result_labels(substituted(expr), known_labels) or frozenset()
+        except LabelError as error:
+            problems[where] = str(error)
+            continue
+        if missing := shown - labels:
+            problems[where] = f"{expr!r} yields {sorted(labels)}: no {sorted(missing)}"
+    assert problems == {}
+    assert {where for where, _ in queries()} <= {where for where, _, _ in found}  # all of them
+    assert sum(len(shown) for _, _, shown in found) > 20
 
 
 def test_only_defined_variables_are_used() -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from junitparser import JUnitXml
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import (
     assert_promtool_accepts,
@@ -25,6 +27,7 @@ from conftest import (
     scrape_until,
     write_scenario,
 )
+from fleetprobe.app.run import RunOptions
 from fleetprobe.simulator.fleet import shard_of
 from fleetprobe.testbed.mosquitto import free_port
 from fleetprobe.transport.mqtt import BrokerTarget, MqttSession
@@ -45,6 +48,11 @@ def small_fleet(
     return scenario
 
 
+RUN_ID = "shards-1"
+"""Shards and the whole fleet compared signal for signal: one run id, so one set of trace ids."""
+SAME_RUN = RunOptions(handle_signals=False, run_id=RUN_ID)
+
+
 def trace_ids(lines: list[dict[str, Any]]) -> set[str]:
     return {line["trace_id"] for line in lines}
 
@@ -60,10 +68,12 @@ async def test_three_shard_processes_equal_the_unsharded_run_signal_for_signal(
     shards_scenario = small_fleet(broker_url, f"{prefix}s")
     path = write_scenario(tmp_path / "shards.yaml", shards_scenario)
     processes = [
-        await fleetprobe("run", str(path), "--shard", f"{i}/3", cwd=folder)
+        await fleetprobe("run", str(path), "--shard", f"{i}/3", "--run-id", RUN_ID, cwd=folder)
         for i, folder in enumerate(shard_dirs)
     ]
-    whole = await run_scenario_dict(whole_dir, small_fleet(broker_url, f"{prefix}w", whole_dir))
+    whole = await run_scenario_dict(
+        whole_dir, small_fleet(broker_url, f"{prefix}w", whole_dir), options=SAME_RUN
+    )
     ends = await asyncio.gather(*(finish(p, 60) for p in processes))
 
     assert [code for code, _, _ in ends] == [0, 0, 0], [err for _, _, err in ends]
@@ -88,7 +98,9 @@ async def test_workers_give_one_report_trace_log_and_junit_for_the_whole_fleet(
     message without a trace id, which both workers see, is counted once."""
     (tmp_path / "whole").mkdir()
     path = write_scenario(tmp_path / "s.yaml", small_fleet(broker_url, f"{prefix}m"))
-    process = await fleetprobe("run", str(path), "--workers", "2", cwd=tmp_path)
+    process = await fleetprobe(
+        "run", str(path), "--workers", "2", "--run-id", RUN_ID, cwd=tmp_path
+    )
     async with MqttSession(broker) as platform:
         await platform.subscribe([f"{prefix}m/vehicles/+/telemetry"])
         senders: set[int] = set()
@@ -99,7 +111,9 @@ async def test_workers_give_one_report_trace_log_and_junit_for_the_whole_fleet(
                     break
         await platform.publish(f"{prefix}m/vehicles/X/telemetry", b"garbage", qos=1)
     whole_dir = tmp_path / "whole"
-    whole = await run_scenario_dict(whole_dir, small_fleet(broker_url, f"{prefix}w", whole_dir))
+    whole = await run_scenario_dict(
+        whole_dir, small_fleet(broker_url, f"{prefix}w", whole_dir), options=SAME_RUN
+    )
     code, out, err = await finish(process, 60)
 
     assert code == 0, err
@@ -125,8 +139,7 @@ async def test_workers_give_one_report_trace_log_and_junit_for_the_whole_fleet(
 async def test_workers_serve_one_merged_metrics_endpoint(
     tmp_path: Path, broker_url: str, prefix: str
 ) -> None:
-    """The merged /metrics is valid for promtool; counters add up over the workers while
-    gauges that are the same in every shard (hop_up, objectives) are not doubled."""
+    """Mid-run merged /metrics passes promtool, shared gauges undoubled; SIGTERM ends all."""
     port = free_port()
     scenario = small_fleet(broker_url, prefix, duration="30s")
     scenario["exporters"]["prometheus"] = {"listen": f"127.0.0.1:{port}"}
@@ -145,6 +158,113 @@ async def test_workers_serve_one_merged_metrics_endpoint(
     assert 'fleetprobe_hop_up{chain="telemetry",hop="broker",scenario="test"} 1.0' in text
     assert 'hop="",metric="success_ratio",scenario="test"} 0.9' in text
     await assert_promtool_accepts(text)
+
+
+# The merged counters and histogram counts a shard's trace log accounts for, one by one.
+COUNTED = (
+    "fleetprobe_signals_sent_total",
+    "fleetprobe_hop_results_total",
+    "fleetprobe_chain_results_total",
+    "fleetprobe_hop_latency_seconds_count",
+    "fleetprobe_chain_latency_seconds_count",
+    "fleetprobe_duplicates_total",
+)
+Sample = tuple[str, frozenset[tuple[str, str]]]
+
+
+async def test_workers_merged_metrics_count_what_every_shard_counted(
+    tmp_path: Path, broker_url: str, prefix: str
+) -> None:
+    """After the run, every merged counter is the sum of both shards' counts, per label set."""
+    # Scraped in the linger, after the reports: the workers' final counts. Each shard's own
+    # counts are its signals' lines in the joined trace log (signals sent, hop results by
+    # result, chain results, latency counts); report.json, merged from the shards' books,
+    # agrees. Both shards send both signals, so one worker's counters alone cannot pass.
+    port = free_port()
+    scenario = small_fleet(broker_url, prefix, tmp_path, duration="2s")
+    del scenario["slo"]  # judged elsewhere; here only the counts matter
+    scenario["fleet"]["profiles"][0]["signals"]["door"] = {"every": "500ms"}
+    scenario["signals"]["door"] = {
+        "topic": f"{prefix}/vehicles/{{vin}}/door",
+        "qos": 0,
+        "payload": {"vin": "{vin}", "trace_id": "{trace_id}"},
+    }
+    scenario["chains"].append(
+        {
+            "name": "door",
+            "signal": "door",
+            "hops": [
+                {
+                    "name": "broker",
+                    "mqtt": {"topic": f"{prefix}/vehicles/+/door"},
+                    "within": "500ms",
+                },
+                # Nothing publishes there: every door chain fails at this hop.
+                {"name": "never", "mqtt": {"topic": f"{prefix}/never/+"}, "within": "500ms"},
+            ],
+        }
+    )
+    scenario["exporters"]["prometheus"] = {"listen": f"127.0.0.1:{port}", "linger": "60s"}
+    path = write_scenario(tmp_path / "s.yaml", scenario)
+    process = await fleetprobe("run", str(path), "--workers", "2", cwd=tmp_path)
+    assert process.stderr is not None
+    logged = []
+    async with asyncio.timeout(60):  # until the reports are written: the counts are final
+        while "reports written" not in (line := (await process.stderr.readline()).decode()):
+            assert line, f"fleetprobe ended before its linger: {''.join(logged)}"
+            logged.append(line)
+    final = await scrape_until(port, lambda _: True)
+    process.send_signal(signal.SIGTERM)  # ends the linger
+    code, _, err = await finish(process, 30)
+    report = json.loads((tmp_path / "report.json").read_text())
+
+    assert code == 0, "".join(logged) + err
+    shards = [Counter[Sample](), Counter[Sample]()]
+    for line in read_traces(tmp_path):
+        _count_trace_line(shards[shard_of(line["vin"], 2)], line)
+    merged = {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(final)
+        for sample in family.samples
+        if sample.name in COUNTED and sample.value
+    }
+    assert merged == shards[0] + shards[1]
+    assert {name for name, _ in merged} >= set(COUNTED) - {"fleetprobe_duplicates_total"}
+    # Each shard sent both signals and saw every door chain fail at `never`.
+    for key in merged:
+        if key[0] == "fleetprobe_signals_sent_total" or ("failed_hop", "never") in key[1]:
+            assert shards[0][key] > 0 and shards[1][key] > 0, key
+    for name, chain in report["chains"].items():  # report.json, merged from the shards' books
+        results = Counter[str]()
+        for (sample, labels), value in merged.items():
+            if sample == "fleetprobe_chain_results_total" and ("chain", name) in labels:
+                results[dict(labels)["result"]] += int(value)
+        assert results == {r: chain[r] for r in ("ok", "failed", "aborted", "unsent") if chain[r]}
+
+
+def _count_trace_line(counts: Counter[Sample], line: dict[str, Any]) -> None:
+    """Add what the metrics of its shard counted for the signal of one trace line."""
+
+    def count(name: str, **labels: str) -> None:
+        counts[name, frozenset({"scenario": "test", **labels}.items())] += 1
+
+    chain = line["chain"]
+    count("fleetprobe_signals_sent_total", signal=line["signal"])
+    count(
+        "fleetprobe_chain_results_total",
+        chain=chain,
+        result=line["verdict"],
+        failed_hop=line["failed_hop"] or "",
+    )
+    if line["verdict"] == "ok":
+        count("fleetprobe_chain_latency_seconds_count", chain=chain)
+    for hop, seen in line["hops"].items():
+        if seen["result"] != "pending":  # an aborted signal's unjudged hop is not counted
+            count("fleetprobe_hop_results_total", chain=chain, hop=hop, result=seen["result"])
+        if seen["result"] == "ok":
+            count("fleetprobe_hop_latency_seconds_count", chain=chain, hop=hop)
+        for _ in range(seen.get("duplicates", 0)):
+            count("fleetprobe_duplicates_total", chain=chain, hop=hop)
 
 
 def _sent(exposition: str) -> float:
