@@ -1,17 +1,19 @@
 """Saying, while a run lasts, when the prober itself is the limit.
 
 A probe that cannot keep its schedule reports its own overload as platform latency, and
-one that drops what it received reports it as platform loss. Once a second the
-:class:`SaturationWatch` looks at the signals sent in that second and at the observers'
-bounded queues; when the emission lag p99 of the window is over the limit, or a queue
-overflowed, it logs which limit was hit and sets ``fleetprobe_prober_saturated``; the
-report keeps the record.
+one that drops what it received reports it as platform loss. The
+:class:`SaturationWatch` files each sent signal's emission lag under the second of the
+run it was due in (from timestamps, so a loop too busy to look every second hides
+nothing), and looks at the observers' bounded queues; a second whose emission lag p99 is
+over the limit, or in which a queue overflowed, is saturated. It logs which limit was
+hit, sets ``fleetprobe_prober_saturated``, and the report counts every saturated second.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -25,6 +27,9 @@ LAG_LIMIT_S = 0.010
 """Emission lag p99 above which the prober no longer keeps the fleet's schedule."""
 REPEAT_EVERY_S = 10.0
 """While saturation lasts, the warning is repeated this often (not every second)."""
+KEEP_SECONDS = 60
+"""How long a second's counts are kept for signals due then but sent later (a held-up
+loop sends them late); older seconds are judged for good."""
 CLEAN_WINDOWS_TO_RECOVER = 3
 """Saturation ends after this many windows in a row within the limits: a prober at its
 limit passes and fails alternate seconds, and one line per flip would only be noise."""
@@ -54,16 +59,26 @@ class SaturationWatch(RunEvents):
         queues: the run's bounded queues.
         registry: where the saturation metrics live.
         scenario: the scenario label.
+        clock: the monotonic clock in ns (the run's; a test's own).
     """
 
-    def __init__(self, queues: Queues, registry: CollectorRegistry, scenario: str) -> None:
-        self._recent_lags: list[float] = []  # since the last check: one window
+    def __init__(
+        self,
+        queues: Queues,
+        registry: CollectorRegistry,
+        scenario: str,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self._clock = clock
+        self._start_ns: int | None = None
+        self._recent_lags: list[float] = []  # since the last check: for the message
+        self._seconds: dict[int, list[int]] = {}  # second due -> [signals, over the limit]
+        self._saturated_seconds: set[int] = set()
         self._queues = queues
         self._overflowed: dict[str, int] = {}
         self._saturated_since_s: float | None = None
         self._clean_windows = 0
         self._last_warning_s = -math.inf
-        self.windows_saturated = 0
         self.worst_lag_p99_s: float | None = None
         self.limits_hit: set[str] = set()
         self._scenario = scenario
@@ -75,17 +90,34 @@ class SaturationWatch(RunEvents):
             registry=registry,
         ).labels(scenario)
 
+    def begin(self, start_ns: int) -> None:
+        """Emission starts at monotonic ``start_ns``: second 0 of the run."""
+        self._start_ns = start_ns
+
     def signal_sent(self, signal: str, lag_s: float | None) -> None:
-        if lag_s is not None:
-            self._recent_lags.append(lag_s)
+        if lag_s is None or self._start_ns is None:
+            return
+        self._recent_lags.append(lag_s)
+        due_s = (self._clock() - self._start_ns) / 1e9 - lag_s
+        counts = self._seconds.get(int(due_s))
+        if counts is None:
+            counts = self._seconds[int(due_s)] = [0, 0]
+        counts[0] += 1
+        if lag_s > LAG_LIMIT_S:
+            counts[1] += 1
+
+    @property
+    def windows_saturated(self) -> int:
+        """Seconds of the run in which the prober was the limit."""
+        return len(self._saturated_seconds)
 
     def check(self, now_s: float, window_s: float) -> None:
-        """Judge the window that ends now (``now_s`` since emission began)."""
-        problems = [*self._lag_problem(window_s), *self._queue_problems(window_s)]
+        """Judge what happened since the last check (``now_s`` since emission began; the
+        last check was about ``window_s`` ago, or longer when the loop was held up)."""
+        problems = [*self._lag_problem(now_s), *self._queue_problems(now_s, window_s)]
         self._gauge.set(1 if problems else 0)
         if problems:
             self._clean_windows = 0
-            self.windows_saturated += 1
             if self._saturated_since_s is None:
                 self._saturated_since_s = now_s - window_s
             if now_s - self._last_warning_s >= REPEAT_EVERY_S:
@@ -106,22 +138,34 @@ class SaturationWatch(RunEvents):
                 self._saturated_since_s = None
                 self._last_warning_s = -math.inf
 
-    def _lag_problem(self, window_s: float) -> list[str]:
+    def _lag_problem(self, now_s: float) -> list[str]:
         lags, self._recent_lags = self._recent_lags, []
-        late = sum(1 for lag in lags if lag > LAG_LIMIT_S)
-        if not lags or late * 100 <= len(lags):  # p99 within the limit
+        # A second is saturated once more than 1% of the signals due in it were sent more
+        # than the limit late (its emission lag p99 is over the limit), however late the
+        # check: every such second counts.
+        newly = sorted(
+            second
+            for second, (signals, late) in self._seconds.items()
+            if late * 100 > signals and second not in self._saturated_seconds
+        )
+        due = sum(self._seconds[second][0] for second in newly)
+        for second in [s for s in self._seconds if s < now_s - KEEP_SECONDS]:
+            del self._seconds[second]
+        if not newly:
             return []
+        self._saturated_seconds.update(newly)
         ordered = sorted(lags)
-        p99 = ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+        p99 = ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)] if ordered else 0.0
         if self.worst_lag_p99_s is None or p99 > self.worst_lag_p99_s:
             self.worst_lag_p99_s = p99
         self.limits_hit.add("emission_lag")
+        span = f"second {newly[0]}" if len(newly) == 1 else f"{len(newly)} seconds"
         return [
-            f"emission lag p99 {format_ms(p99)} over the last {window_s:g}s "
-            f"(limit {format_ms(LAG_LIMIT_S)}) at {len(lags) / window_s:,.0f} signals/s"
+            f"emission lag p99 {format_ms(p99)} in {span} of the run "
+            f"(limit {format_ms(LAG_LIMIT_S)}) at {due / len(newly):,.0f} signals/s"
         ]
 
-    def _queue_problems(self, window_s: float) -> list[str]:
+    def _queue_problems(self, now_s: float, window_s: float) -> list[str]:
         problems = []
         for name, state in self._queues().items():
             if name not in PROBER_QUEUES:
@@ -129,6 +173,7 @@ class SaturationWatch(RunEvents):
             new = state.overflowed - self._overflowed.get(name, 0)
             if new > 0:
                 self._overflowed[name] = state.overflowed
+                self._saturated_seconds.add(max(0, math.ceil(now_s) - 1))
                 self.limits_hit.add(f"{name}_queue")
                 problems.append(
                     f"the {name} queue (capacity {state.capacity:,}) overflowed {new:,} times "

@@ -16,9 +16,22 @@ from fleetprobe.core.queues import QueueState
 from fleetprobe.exporters.saturation import SaturationWatch
 
 
+NOW_NS = [0]
+"""The watch's clock in these tests: set by hand."""
+
+
 def watch_over(queues: dict[str, QueueState]) -> tuple[SaturationWatch, CollectorRegistry]:
     registry = CollectorRegistry()
-    return SaturationWatch(lambda: queues, registry, "s"), registry
+    watch = SaturationWatch(lambda: queues, registry, "s", clock=lambda: NOW_NS[0])
+    watch.begin(0)
+    return watch, registry
+
+
+def sent_at(watch: SaturationWatch, at_s: float, lags: list[float]) -> None:
+    """Signals handed over at ``at_s`` of the run, each ``lag`` late."""
+    NOW_NS[0] = round(at_s * 1e9)
+    for lag in lags:
+        watch.signal_sent("t", lag)
 
 
 def test_a_window_with_lag_p99_over_10ms_is_saturated_and_named(
@@ -26,19 +39,33 @@ def test_a_window_with_lag_p99_over_10ms_is_saturated_and_named(
 ) -> None:
     """2 late signals of 100 put p99 over the limit; 1 of 100 does not."""
     watch, registry = watch_over({})
-    for lag in [0.001] * 99 + [0.020]:
-        watch.signal_sent("t", lag)
+    sent_at(watch, 0.5, [0.001] * 99 + [0.020])
     watch.check(1.0, 1.0)
     assert registry.get_sample_value("fleetprobe_prober_saturated", {"scenario": "s"}) == 0
-    for lag in [0.001] * 98 + [0.020, 0.030]:
-        watch.signal_sent("t", lag)
+    sent_at(watch, 1.5, [0.001] * 98 + [0.020, 0.030])
     with caplog.at_level(logging.WARNING, logger="fleetprobe"):
         watch.check(2.0, 1.0)
     assert registry.get_sample_value("fleetprobe_prober_saturated", {"scenario": "s"}) == 1
-    assert "emission lag p99 20.0ms over the last 1s (limit 10.0ms) at 100 signals/s" in caplog.text
+    assert "emission lag p99 20.0ms in second 1 of the run (limit 10.0ms) at 100 signals/s" in (
+        caplog.text
+    )
     report = watch.as_report()
     assert report["limits_hit"] == ["emission_lag"] and report["worst_lag_p99_s"] == 0.020
     assert report["windows_saturated"] == 1
+
+
+def test_every_saturated_second_counts_however_late_the_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A loop held up for 5 s checks once: the 5 seconds whose signals went out late each
+    count, and the rate is that of a second, not of the whole backlog."""
+    watch, _ = watch_over({})
+    for second in range(5):
+        sent_at(watch, second + 0.6, [0.5] * 1_000)  # each due 0.5 s earlier, in `second`
+    with caplog.at_level(logging.WARNING, logger="fleetprobe"):
+        watch.check(5.0, 1.0)
+    assert watch.as_report()["windows_saturated"] == 5
+    assert "in 5 seconds of the run (limit 10.0ms) at 1,000 signals/s" in caplog.text
 
 
 def test_a_queue_overflow_is_named_once_per_new_drop(

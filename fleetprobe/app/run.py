@@ -307,6 +307,7 @@ class _Run:
             if self.trace_log is not None:
                 self.trace_log.open()  # only now: a start that fails leaves the last one
             self.emission_start_ns = time.monotonic_ns()
+            self.saturation.begin(self.emission_start_ns)
             background.append(
                 group.create_task(self.faults.run(self.emission_start_ns, publisher, emitter))
             )
