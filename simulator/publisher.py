@@ -25,7 +25,7 @@ from fleetprobe.simulator.fleet import Emission
 from fleetprobe.simulator.templates import PayloadTemplate, TextTemplate
 from fleetprobe.transport.errors import ConnectError, NotAuthorizedError, SendError
 from fleetprobe.transport.links import Backoff, LinkStats
-from fleetprobe.transport.mqtt import BrokerTarget, MqttSession
+from fleetprobe.transport.mqtt import UNACKNOWLEDGED, BrokerTarget, MqttSession
 
 SessionMode = Literal["per_vehicle", "pooled"]
 
@@ -106,6 +106,11 @@ class MqttPublisher:
         self._connected_ns: dict[str, int] = {}
         self._quick_losses: dict[str, int] = {}
         self._lost_tally = _Tally("%d MQTT session(s) of the fleet lost; reconnecting")
+        self._unacknowledged_tally = _Tally(
+            f"%d QoS 1/2 publish(es) to {target.url.replace('%', '%%')} got no acknowledgement "
+            f"within {target.ack_timeout_s:g}s: the broker "
+            "is not acknowledging; they count as send errors unacknowledged"
+        )
         self._given_up_tallies = {
             DUPLICATE_CLIENT_ID: _Tally(
                 "%d MQTT session(s) of the fleet given up: another client keeps taking their "
@@ -292,14 +297,20 @@ class MqttPublisher:
         """
         emission = outgoing.emission
         await self._until_ready(emission.vin)
-        await self._session_for(emission.vin).publish(
-            outgoing.topic,
-            outgoing.payload,
-            qos=outgoing.qos,
-            user_properties=(("traceparent", emission.fields["traceparent"]),),
-            correlation_data=bytes.fromhex(emission.trace_id),
-            slot_held=slot_held,
-        )
+        try:
+            await self._session_for(emission.vin).publish(
+                outgoing.topic,
+                outgoing.payload,
+                qos=outgoing.qos,
+                user_properties=(("traceparent", emission.fields["traceparent"]),),
+                correlation_data=bytes.fromhex(emission.trace_id),
+                slot_held=slot_held,
+            )
+        except SendError as error:
+            if error.reason == UNACKNOWLEDGED:
+                self.link.unacknowledged += 1
+                self._unacknowledged_tally.add()
+            raise
 
     async def _until_ready(self, vin: str) -> None:
         if self.ready(vin):

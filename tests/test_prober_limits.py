@@ -4,6 +4,7 @@ side (a send slot, room in a socket) shows as its emission lag, never as a hop's
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -79,3 +80,39 @@ async def test_a_target_gone_for_good_exits_3(
     assert result.exit_code == 3
     ratio = chain["ok"] / (chain["ok"] + chain["failed"] + chain["unsent"])
     assert f"ok {chain['ok']} ({100 * ratio:.2f}%)" in capsys.readouterr().out
+
+
+async def test_a_broker_that_never_acknowledges_is_named(
+    tmp_path: Path, broker_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """QoS 1 through a proxy that swallows every PUBACK for the whole run: report.json's
+    `mqtt` counts the publishes left unacknowledged past `ack_timeout`, and the log names
+    the broker. The broker hop saw them, so they count as sent and ok, not as failures."""
+    scenario = scenario_dict(broker_url, prefix, duration="2s")
+    scenario["signals"]["telemetry"]["qos"] = 1
+    scenario["target"]["mqtt"].update({"pool": 1, "via": "fleet-broker", "ack_timeout": "1s"})
+    scenario["faults"] = {
+        "proxies": [{"name": "fleet-broker", "upstream": broker_url.removeprefix("mqtt://")}],
+        "timeline": [
+            {
+                "name": "no-acks",
+                "kind": "mqtt_hold_acks",
+                "target": "fleet-broker",
+                "stream": "downstream",
+                "at": "0s",
+                "for": "2s",
+            }
+        ],
+    }
+    with caplog.at_level(logging.WARNING):
+        result = await run_scenario_dict(tmp_path, scenario)
+    report = result.report
+    assert report["mqtt"]["fleet"]["unacknowledged"] > 0
+    chain = report["chains"]["telemetry"]
+    assert chain["failed"] == 0 and chain["ok"] == report["signals"]["telemetry"]["sent"] > 0
+    proxy_url = "mqtt://127.0.0.1:"
+    assert any(
+        "got no acknowledgement within 1s: the broker is not acknowledging" in r.getMessage()
+        and proxy_url in r.getMessage()
+        for r in caplog.records
+    )

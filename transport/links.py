@@ -61,6 +61,7 @@ class LinkStats:
     connected: int = 0
     reconnects: int = 0
     gave_up: int = 0  # sessions not reconnected (duplicate client id, refused credentials)
+    unacknowledged: int = 0  # QoS 1/2 publishes the broker did not acknowledge in time
     outages: list[Outage] = field(default_factory=list)
 
     def up(self) -> None:
@@ -98,6 +99,7 @@ class LinkStats:
             "sessions": self.expected + self.gave_up,
             "reconnects": self.reconnects,
             "given_up": self.gave_up,
+            "unacknowledged": self.unacknowledged,
             "outages": [o.as_dict(iso) for o in self.outages],
         }
 
@@ -108,10 +110,9 @@ def merge_link_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for report in reports:
         for role, part in report.items():
-            mine = merged.setdefault(
-                role, {"sessions": 0, "reconnects": 0, "given_up": 0, "outages": []}
-            )
-            for count in ("sessions", "reconnects", "given_up"):
+            counts = ("sessions", "reconnects", "given_up", "unacknowledged")
+            mine = merged.setdefault(role, {**dict.fromkeys(counts, 0), "outages": []})
+            for count in counts:
                 mine[count] += part[count]
             mine["outages"].extend(part["outages"])
     for part in merged.values():

@@ -61,6 +61,9 @@ from fleetprobe.transport.mqtt_codec import (
 
 log = logging.getLogger(__name__)
 
+UNACKNOWLEDGED = "unacknowledged"
+"""The send error of a QoS 1/2 publish the broker did not acknowledge in time."""
+
 ProtocolName = Literal["5", "3.1.1"]
 
 # CONNACK codes that mean "wrong credentials": retrying cannot help.
@@ -89,6 +92,7 @@ class BrokerTarget:
     tls: ssl.SSLContext | None = None
     keepalive_s: int = 30
     connect_timeout_s: float = 5.0
+    ack_timeout_s: float = 10.0  # how long a QoS 1/2 publish waits for its acknowledgement
 
     @property
     def url(self) -> str:
@@ -583,12 +587,13 @@ class MqttSession:
         qos: int = 0,
         user_properties: Sequence[tuple[str, str]] = (),
         correlation_data: bytes | None = None,
-        timeout_s: float = 10.0,
+        timeout_s: float | None = None,
         slot_held: bool = False,
     ) -> None:
         """Publish one message; with QoS 1 or 2, return when the broker acknowledged it.
 
         ``slot_held``: the caller holds a :meth:`send_slot` for it (else one is taken here).
+        ``timeout_s``: how long to wait for the acknowledgement (default: the target's).
 
         Raises:
             SendError: not connected, an invalid topic, too large, refused, or no ack in time.
@@ -605,6 +610,8 @@ class MqttSession:
             await connection.writable()
             connection.write(_publish_frame(0x30, topic_bytes, b"", properties, payload, size))
             return
+        if timeout_s is None:
+            timeout_s = self.target.ack_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 if slot_held:
@@ -617,7 +624,10 @@ class MqttSession:
                         connection, qos, topic, topic_bytes, properties, payload, size
                     )
         except TimeoutError:
-            raise SendError(f"publish to {topic}: no acknowledgement", reason="timeout") from None
+            raise SendError(
+                f"publish to {topic}: no acknowledgement within {timeout_s:g}s",
+                reason=UNACKNOWLEDGED,
+            ) from None
 
     async def _publish_acknowledged(
         self,

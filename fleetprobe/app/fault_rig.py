@@ -104,6 +104,7 @@ class FaultRig:
             password=broker.password,
             tls=broker.tls,
             keepalive_s=broker.keepalive_s,
+            ack_timeout_s=broker.ack_timeout_s,
             connect_timeout_s=broker.connect_timeout_s,
         )
 

@@ -87,6 +87,7 @@ def make_broker_target(scenario: Scenario, base_dir: Path) -> BrokerTarget:
         password=mqtt.password.get_secret_value() if mqtt.password else None,
         tls=tls,
         keepalive_s=max(1, round(mqtt.keepalive)),
+        ack_timeout_s=mqtt.ack_timeout,
     )
 
 

@@ -77,6 +77,9 @@ class MqttTargetConfig(Strict):
     sessions: Literal["per_vehicle", "pooled"] = "per_vehicle"
     pool: int = Field(4, ge=1, le=10_000)
     keepalive: PositiveDuration = 30.0
+    ack_timeout: PositiveDuration = Field(
+        10.0, description="how long a QoS 1/2 publish waits for its acknowledgement"
+    )
     via: str | None = Field(None, description="the proxy (faults.proxies) the fleet goes through")
 
     @field_validator("url")
