@@ -15,7 +15,6 @@ from fleetprobe.app.run import RunOptions
 from fleetprobe.core.queues import QueueState
 from fleetprobe.exporters.saturation import SaturationWatch
 
-
 NOW_NS = [0]
 """The watch's clock in these tests: set by hand."""
 
