@@ -40,8 +40,11 @@ class Emitter:
         tracker: Tracker,
         events: RunEvents,
         faults: FleetFaults | None = None,
+        *,
+        reconnect_backlog: int = MAX_WAITING,
     ) -> None:
         self._publisher = publisher
+        self._reconnect_backlog = reconnect_backlog
         self._tracker = tracker
         self._events = events
         self._faults = faults or FleetFaults()
@@ -66,7 +69,7 @@ class Emitter:
             ),
             "qos_acks": QueueState(self._unacked_count, MAX_UNACKED),
             "reconnect_wait": QueueState(
-                self._waiting, MAX_WAITING, self._overflowed[BACKLOG_FULL]
+                self._waiting, self._reconnect_backlog, self._overflowed[BACKLOG_FULL]
             ),
         }
 
@@ -84,7 +87,7 @@ class Emitter:
             if given_up is not None:
                 self._not_sent(emission, given_up)
                 return
-            if self._waiting >= MAX_WAITING:
+            if self._waiting >= self._reconnect_backlog:
                 self._overflow(emission, BACKLOG_FULL)
                 return
             # Reconnecting: the vehicle sends once it is back, and the wait is the fault's.

@@ -20,6 +20,7 @@ import simpy
 from prometheus_client import CollectorRegistry
 
 from fleetprobe.app.conclusion import RunRecord, RunResult, conclude
+from fleetprobe.app.emitter import MAX_WAITING as RECONNECT_BACKLOG
 from fleetprobe.app.emitter import Emitter
 from fleetprobe.app.exit_codes import ExitCode
 from fleetprobe.app.fault_rig import FaultRig
@@ -75,6 +76,7 @@ class RunOptions:
     on_listening: Callable[[int], None] | None = None  # told the /metrics port once served
     tracker_capacity: int = TRACKER_CAPACITY  # signals in flight at most
     run_id: str | None = None  # None: a random one (trace ids derive from seed and run id)
+    reconnect_backlog: int = RECONNECT_BACKLOG  # signals waiting for their session at most
 
     def metrics_address(self, scenario: Scenario) -> str | None:
         """Where /metrics is served: this option, else the scenario's, else nowhere."""
@@ -303,7 +305,13 @@ class _Run:
                 sweep_deadlines(tracker, lambda: not emitting and tracker.idle)
             )
             self.live.phase = "emitting"
-            self.emitter = emitter = Emitter(publisher, tracker, self.events, self.faults.fleet)
+            self.emitter = emitter = Emitter(
+                publisher,
+                tracker,
+                self.events,
+                self.faults.fleet,
+                reconnect_backlog=self.options.reconnect_backlog,
+            )
             if self.trace_log is not None:
                 self.trace_log.open()  # only now: a start that fails leaves the last one
             self.emission_start_ns = time.monotonic_ns()
