@@ -27,6 +27,19 @@ def outputs_at(tmp_path: Path, **paths: str) -> Path:
     return write_scenario(tmp_path / "scenario.yaml", scenario)
 
 
+def fleetprobe_cli(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m fleetprobe ARGS`` in ``folder``, to its end (bounded)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fleetprobe", *args],
+        cwd=folder,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def problems_of(path: Path) -> str:
     with pytest.raises(ScenarioError) as raised:
         load_scenario(path)
@@ -83,15 +96,7 @@ def test_a_symbolic_link_and_a_file_for_a_folder_are_refused(
 def test_validate_refuses_the_same_paths(tmp_path: Path) -> None:
     """`fleetprobe validate` says the same and exits 2."""
     path = outputs_at(tmp_path, json="r.json", traces="r.json")
-    result = subprocess.run(
-        [sys.executable, "-m", "fleetprobe", "validate", str(path)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = fleetprobe_cli(tmp_path, "validate", str(path))
     assert result.returncode == 2
     assert "exporters > traces: r.json is also exporters.json" in result.stdout + result.stderr
 
@@ -194,15 +199,7 @@ def test_a_start_that_fails_leaves_the_previous_reports_alone(tmp_path: Path) ->
 
 def test_a_device_is_no_scenario(tmp_path: Path) -> None:
     """`validate /dev/zero` stops at the size bound instead of reading forever."""
-    result = subprocess.run(
-        [sys.executable, "-m", "fleetprobe", "validate", "/dev/zero"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = fleetprobe_cli(tmp_path, "validate", "/dev/zero")
     assert result.returncode == 2
     assert "/dev/zero:1:1: a scenario is at most 1048576 bytes" in result.stdout + result.stderr
 
@@ -219,14 +216,6 @@ def test_bad_arguments_are_usage_errors_not_tracebacks(
     tmp_path: Path, args: list[str], expected: str
 ) -> None:
     """An absurd --workers or a missing proxy config: exit 2 with the reason, no traceback."""
-    result = subprocess.run(
-        [sys.executable, "-m", "fleetprobe", *args],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = fleetprobe_cli(tmp_path, *args)
     assert result.returncode == 2
     assert expected in result.stderr and "Traceback" not in result.stderr

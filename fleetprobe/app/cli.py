@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from fleetprobe.app.exit_codes import ExitCode
 from fleetprobe.app.scenario import ScenarioError, load_scenario
@@ -143,11 +144,29 @@ def _proxy(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config))
 
 
-def _run_id(text: str) -> str:
-    try:
-        return check_run_id(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+T = TypeVar("T")
+
+
+def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a parser that raises ValueError with the message to show."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+def _listen_address(text: str) -> str:
+    split_listen(text)
+    return text
+
+
+_run_id = _argument(check_run_id)
+_duration = _argument(parse_duration)
+_listen = _argument(_listen_address)
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -168,21 +187,6 @@ def _workers(text: str) -> int:
             "past one machine, use --shard I/N on each)"
         )
     return int(text)
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _listen(text: str) -> str:
-    try:
-        split_listen(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
 
 
 def _ratio(text: str) -> float:
