@@ -107,7 +107,11 @@ class Emitter:
             task.add_done_callback(self._acked)
             return
         # Room in the socket before the stamp: a full send buffer is the prober's wait.
-        await self._publisher.writable(emission.vin)
+        try:
+            await self._publisher.writable(emission.vin)
+        except SendError as error:  # the connection dropped before the publisher noticed
+            self._not_sent(emission, error.reason)
+            return
         prepared = self._prepare(emission, intended_ns, held)
         if prepared is not None:
             await self._send(*prepared)
