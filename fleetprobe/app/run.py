@@ -147,7 +147,7 @@ class _Run:
         self.metrics.track_inflight(self.tracker.inflight)
         self.alerts: AlertSender | None = None
         self.trace_log: TraceLog | None = None
-        self.fleet_gone = False  # no fleet session was up when emission ended
+        self.fleet_gone = False  # no fleet session was up when the drain ended
         self.interruption = Interruption()
         self.result = RunResult(ExitCode.OK, {})
         out = options.out
@@ -327,7 +327,6 @@ class _Run:
                 await clock.run(self.duration_s, emitter.emit)
             finally:
                 gc.unfreeze()
-            self.fleet_gone = publisher.link.connected == 0  # not one session is back
             if emitter.queues["qos_acks"].depth:
                 log.info(
                     "emission ended; %d QoS 1/2 sends await their acknowledgement",
@@ -343,6 +342,8 @@ class _Run:
                 self.plan.drain_s,
             )
             await self._drain(sweeper)
+            # Not one session back by the end of the drain: the target is gone for good.
+            self.fleet_gone = publisher.link.connected == 0
             self.live.phase = "done"
             for task in (*background, sweeper):
                 task.cancel()
@@ -402,7 +403,7 @@ class _Run:
         if exit_code == ExitCode.OK and self.fleet_gone and unsent:
             # The target went away for good: no objective can pass a platform that is gone.
             log.error(
-                "%s was unreachable when emission ended: %d signals could not be sent",
+                "%s was unreachable when the run ended: %d signals could not be sent",
                 self.plan.broker.url,
                 unsent,
             )
