@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("core", "simulator", "probes", "exporters", "faults", "transport", "testbed", "scenarios")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
@@ -46,32 +48,35 @@ def test_the_import_contracts_hold() -> None:
     assert "0 broken" in result.stdout
 
 
-def test_an_import_from_the_testbed_into_the_probes_breaks_a_contract(tmp_path: Path) -> None:
-    """One import against the layers (the testbed using the tracker) fails the check."""
+@pytest.mark.parametrize(
+    ("module", "imported", "expected"),
+    [
+        (
+            "testbed/topics.py",
+            "fleetprobe.probes.tracker",
+            "fleetprobe.testbed.topics -> fleetprobe.probes.tracker",
+        ),
+        (
+            "probes/observers/webhook.py",
+            "fleetprobe.probes.observers.mqtt",
+            "Hop kinds are one module each",
+        ),
+        (
+            "core/times.py",
+            "fleetprobe.transport.errors",
+            "fleetprobe.core.times -> fleetprobe.transport.errors",
+        ),
+    ],
+    ids=["testbed-into-probes", "observer-into-observer", "core-into-transport"],
+)
+def test_one_import_against_the_layers_breaks_a_contract(
+    tmp_path: Path, module: str, imported: str, expected: str
+) -> None:
+    """The testbed using the tracker, an observer using another, the shared words using a
+    layer above them: each one import fails the check, naming what broke."""
     tree = copy_of_the_packages(tmp_path)
-    with (tree / "testbed" / "topics.py").open("a") as module:
-        module.write("\nimport fleetprobe.probes.tracker  # noqa: E402, F401\n")
+    with (tree / module).open("a") as source:
+        source.write(f"\nimport {imported}  # noqa: E402, F401\n")
     result = lint_imports(tree)
     assert result.returncode == 1, result.stdout
-    assert "fleetprobe.testbed is not allowed to import fleetprobe.probes" in result.stdout
-    assert "fleetprobe.testbed.topics -> fleetprobe.probes.tracker" in result.stdout
-
-
-def test_an_observer_importing_another_breaks_a_contract(tmp_path: Path) -> None:
-    """Hop kinds stay one module each: an observer that imports another fails the check."""
-    tree = copy_of_the_packages(tmp_path)
-    with (tree / "probes" / "observers" / "webhook.py").open("a") as module:
-        module.write("\nimport fleetprobe.probes.observers.mqtt  # noqa: E402, F401\n")
-    result = lint_imports(tree)
-    assert result.returncode == 1, result.stdout
-    assert "Hop kinds are one module each" in result.stdout.split("Broken contracts")[1]
-
-
-def test_the_shared_words_import_nothing_of_fleetprobe(tmp_path: Path) -> None:
-    """core sits at the bottom: importing a layer above it from there fails the check."""
-    tree = copy_of_the_packages(tmp_path)
-    with (tree / "core" / "times.py").open("a") as module:
-        module.write("\nimport fleetprobe.transport.errors  # noqa: E402, F401\n")
-    result = lint_imports(tree)
-    assert result.returncode == 1, result.stdout
-    assert "fleetprobe.core.times -> fleetprobe.transport.errors" in result.stdout
+    assert expected in result.stdout.split("Broken contracts")[1]
