@@ -14,12 +14,12 @@ import pytest
 import trustme
 from aiohttp import web
 from pydantic import ValidationError
-from test_http_observers import Record, observing
+from test_http_observers import Record, follow, observing
 
 from fleetprobe.core.events import RunEvents
 from fleetprobe.probes.chains import ChainSpec, HopSpec
 from fleetprobe.probes.observers import ObserverContext, WatchedHop
-from fleetprobe.probes.observers.http_poll import HttpPollHop
+from fleetprobe.probes.observers.http_poll import HttpPollHop, HttpPollObserver
 from fleetprobe.probes.observers.webhook import WebhookHop, WebhookObserver
 from fleetprobe.probes.tracker import Tracker
 from fleetprobe.testbed.platform import Testbed
@@ -97,6 +97,7 @@ async def test_an_untrusted_certificate_is_reason_tls_not_refused(tmp_path: Path
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("127.0.0.1").configure_cert(context)
     app = web.Application()
+
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hi")
 
@@ -156,3 +157,44 @@ async def test_a_receiver_without_a_secret_beyond_loopback_is_warned_of(
     if warned:
         receiver = "the webhook receiver (/x without a secret)"
         assert warnings[0].startswith(f"{receiver} listens on 0.0.0.0")
+
+
+async def test_a_poll_trusts_the_ca_the_hop_names(tmp_path: Path) -> None:
+    """https to a state API signed by a private CA: with `ca:` naming it the signal is seen
+    (and `validate` checks the file); without, every poll is a `tls` error."""
+    authority = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    trace_id = f"{1:032x}"
+
+    async def state(request: web.Request) -> web.Response:
+        return web.json_response({"last_trace_id": trace_id})
+
+    app = web.Application()
+    app.router.add_get("/vehicles/{vin}", state)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    url = f"https://127.0.0.1:{runner.addresses[0][1]}/vehicles/{{vin}}"
+    try:
+        for ca, expected in (("ca.pem", "ok"), (None, "timeout")):
+            config = HttpPollHop(url=url, every="50ms", trace_id="$.last_trace_id", ca=ca)
+            record = Record()
+            record.expected = 1
+            located = config.located(tmp_path)
+            async with observing(HttpPollObserver, located, record, within_s=1.0) as (
+                tracker,
+                _,
+            ):
+                follow(tracker, 1, "V1")
+                async with asyncio.timeout(10):
+                    await record.judged.wait()
+            assert record.verdicts[0].results[0] == expected
+            assert ("tls" in record.hop_errors) is (ca is None)
+    finally:
+        await runner.cleanup()
+    problems = list(HttpPollHop(url=url, ca="missing.pem").problems("5", tmp_path))
+    assert problems and problems[0][0] == ("ca",)
+    assert f"cannot use {tmp_path / 'missing.pem'} as CA certificates" in problems[0][1]

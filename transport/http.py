@@ -10,6 +10,7 @@ bounded body read. aiohttp errors are translated into :class:`HttpError` with a 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,11 +46,18 @@ class HttpClient:
         concurrency: requests in flight at most (the pool has as many connections).
         timeout_s: the default total time for one request.
         max_body_bytes: longer bodies are refused (reason ``too_large``), never read whole.
+        tls: how https peers are verified (default: the system's CAs).
     """
 
     def __init__(
-        self, *, concurrency: int = 16, timeout_s: float = 5.0, max_body_bytes: int = MAX_BODY_BYTES
+        self,
+        *,
+        concurrency: int = 16,
+        timeout_s: float = 5.0,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self._tls = tls
         self._concurrency = asyncio.Semaphore(concurrency)
         self._limit = concurrency
         self._timeout_s = timeout_s
@@ -57,7 +65,9 @@ class HttpClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> HttpClient:
-        connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=self._limit)
+        connector = aiohttp.TCPConnector(
+            limit=self._limit, limit_per_host=self._limit, ssl=self._tls or True
+        )
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=True, raise_for_status=False
         )

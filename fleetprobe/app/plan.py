@@ -62,7 +62,7 @@ def make_plan(scenario: Scenario, base_dir: Path, run_id: str = "") -> RunPlan:
             )
             for chain in scenario.chains
         ),
-        hops_by_kind=_hops_by_kind(scenario),
+        hops_by_kind=_hops_by_kind(scenario, base_dir),
         broker=make_broker_target(scenario, base_dir),
     )
 
@@ -127,10 +127,11 @@ def _hop_spec(hop: HopBase) -> HopSpec:
     )
 
 
-def _hops_by_kind(scenario: Scenario) -> dict[str, list[WatchedHop]]:
+def _hops_by_kind(scenario: Scenario, base_dir: Path) -> dict[str, list[WatchedHop]]:
     grouped: dict[str, list[WatchedHop]] = defaultdict(list)
     for c, chain in enumerate(scenario.chains):
         for h, hop in enumerate(chain.hops):
             kind, config = hop.kind
-            grouped[kind].append(WatchedHop(c, h, chain.name, hop.name, config))
+            located = config.located(base_dir)
+            grouped[kind].append(WatchedHop(c, h, chain.name, hop.name, located))
     return dict(grouped)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
@@ -45,10 +46,19 @@ class HopConfig(BaseModel, extra="forbid", frozen=True):
         shard processes cannot share it)."""
         return False
 
-    def problems(self, mqtt_protocol: str) -> Iterator[tuple[tuple[str, ...], str]]:
+    def problems(
+        self, mqtt_protocol: str, base_dir: Path | None
+    ) -> Iterator[tuple[tuple[str, ...], str]]:
         """What this hop cannot do against the fleet's broker speaking ``mqtt_protocol``
-        (``5`` or ``3.1.1``): the path below the kind's key and the message, for each."""
+        (``5`` or ``3.1.1``), or with its input files (relative to ``base_dir``, the
+        scenario's folder; None: not from a file): the path below the kind's key and the
+        message, for each."""
         return iter(())
+
+    def located(self, base_dir: Path) -> HopConfig:
+        """These settings with their input files found from ``base_dir`` (the scenario's
+        folder), as the run opens them."""
+        return self
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,6 +47,9 @@ class HttpPollHop(HopConfig):
         default_factory=dict, description="sent with every poll; values are kept secret"
     )
     latest: bool = False
+    ca: str | None = Field(
+        None, description="a PEM file of the CAs that sign the API's certificate (https)"
+    )
 
     @field_validator("url")
     @classmethod
@@ -76,6 +82,25 @@ class HttpPollHop(HopConfig):
     def template_fields(self) -> frozenset[str]:
         return TextTemplate(self.url, SIGNAL_FIELDS).fields
 
+    def problems(
+        self, mqtt_protocol: str, base_dir: Path | None
+    ) -> Iterator[tuple[tuple[str, ...], str]]:
+        if self.ca is None or base_dir is None:
+            return
+        try:
+            ssl.create_default_context(cafile=str(base_dir / self.ca))
+        except (OSError, ssl.SSLError) as error:
+            yield ("ca",), f"cannot use {base_dir / self.ca} as CA certificates: {error}"
+
+    def located(self, base_dir: Path) -> HttpPollHop:
+        if self.ca is None:
+            return self
+        return self.model_copy(update={"ca": str(base_dir / self.ca)})
+
+    def tls(self) -> ssl.SSLContext | None:
+        """How the API's certificate is verified: against ``ca`` when given."""
+        return None if self.ca is None else ssl.create_default_context(cafile=self.ca)
+
     @property
     def latest_only(self) -> bool:
         return self.latest
@@ -104,7 +129,9 @@ class HttpPollObserver(Observer, kind="http_poll", config=HttpPollHop):
         super().__init__(hops, context)
         self._polled = [_PolledHop(hop) for hop in self.hops]
         self._clients = [
-            HttpClient(concurrency=p.config.concurrency, timeout_s=p.config.timeout)
+            HttpClient(
+                concurrency=p.config.concurrency, timeout_s=p.config.timeout, tls=p.config.tls()
+            )
             for p in self._polled
         ]
         self._entered: list[HttpClient] = []

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pydantic import field_validator, model_validator
@@ -61,7 +62,9 @@ class MqttHop(HopConfig):
         one_source(self.trace_id, self.property, "property")
         return self
 
-    def problems(self, mqtt_protocol: str) -> Iterator[tuple[tuple[str, ...], str]]:
+    def problems(
+        self, mqtt_protocol: str, base_dir: Path | None
+    ) -> Iterator[tuple[tuple[str, ...], str]]:
         if mqtt_protocol == "3.1.1" and self.property is not None:
             yield (
                 ("property",),

@@ -62,7 +62,7 @@ def cross_check(scenario: Scenario, base_dir: Path | None) -> Iterator[Finding]:
     for i, chain in enumerate(scenario.chains):
         for j, hop in enumerate(chain.hops):
             kind, config = hop.kind
-            for below, message in config.problems(scenario.target.mqtt.protocol):
+            for below, message in config.problems(scenario.target.mqtt.protocol, base_dir):
                 yield ("chains", i, "hops", j, kind, *below), message
 
     tls = scenario.target.mqtt.tls
