@@ -8,6 +8,7 @@ and the publisher).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -96,17 +97,8 @@ class FaultRig:
         if proxy is None:
             return broker
         host, port = split_listen(self.addresses[proxy])
-        return BrokerTarget(
-            host,
-            port,
-            protocol=broker.protocol,
-            username=broker.username,
-            password=broker.password,
-            tls=broker.tls,
-            keepalive_s=broker.keepalive_s,
-            ack_timeout_s=broker.ack_timeout_s,
-            connect_timeout_s=broker.connect_timeout_s,
-        )
+        # Every other setting stays the broker's: credentials, TLS, keepalive, timeouts.
+        return dataclasses.replace(broker, host=host, port=port)
 
     async def run(self, start_ns: int, publisher: MqttPublisher, emitter: Emitter) -> None:
         """Play the timeline from ``start_ns`` (the start of emission, monotonic)."""
