@@ -5,6 +5,12 @@ Instead the :class:`FleetClock` sleeps on the loop until the next scheduled even
 steps the environment through every event up to the simulated time that matches the wall
 clock (times ``speed``), and hands every emission to the caller with its *intended*
 monotonic time.
+
+When the caller cannot keep up, the clock falls behind, and catching up would step and
+hand over a long backlog in one go, during which nothing else runs on the loop: the
+observers' reads would wait, their stamps would come late, and a broker would drop what
+a subscriber that slow cannot take. So it works in slices and lets the loop run between
+them.
 """
 
 from __future__ import annotations
@@ -18,6 +24,11 @@ import simpy
 from fleetprobe.simulator.fleet import Emission
 
 EmissionHandler = Callable[[Emission, int], Awaitable[None]]
+
+SLICE_NS = 2_000_000
+"""The longest the clock works before it lets the loop run (reads, deadlines)."""
+STEP_BATCH = 256
+"""Emissions stepped out of the model at most before they are handed over."""
 
 
 class FleetClock:
@@ -62,6 +73,7 @@ class FleetClock:
         while env.peek() <= env.now:
             env.step()
         self.start_ns = time.monotonic_ns() - round(env.now / self.speed * 1e9)
+        slice_ends_ns = time.monotonic_ns() + SLICE_NS
         while not self._stopping.is_set():
             next_t = env.peek()
             if next_t >= end_sim:
@@ -73,14 +85,26 @@ class FleetClock:
                         await self._stopping.wait()
                 except TimeoutError:
                     pass
+                slice_ends_ns = time.monotonic_ns() + SLICE_NS
                 continue
             due_sim = min((time.monotonic_ns() - self.start_ns) / 1e9 * self.speed, end_sim)
             # step(), not run(until): SimPy 4.1 leaves run's stop event queued, and peek()
             # would then report it as the next event, turning the wait above into a spin.
-            while env.peek() <= due_sim:
+            while env.peek() <= due_sim and len(outbox) < STEP_BATCH:
                 env.step()
             for emission in outbox:
                 if self._stopping.is_set():
                     break
                 await handle(emission, self.intended_ns(emission.t_sim))
+                slice_ends_ns = await _let_loop_run(slice_ends_ns)
             outbox.clear()
+            slice_ends_ns = await _let_loop_run(slice_ends_ns)
+
+
+async def _let_loop_run(slice_ends_ns: int) -> int:
+    """Once the slice ending at ``slice_ends_ns`` is over, let the loop run (reads,
+    deadlines) before going on; returns when the next slice ends."""
+    if time.monotonic_ns() < slice_ends_ns:
+        return slice_ends_ns
+    await asyncio.sleep(0)
+    return time.monotonic_ns() + SLICE_NS
