@@ -88,9 +88,14 @@ class RunEvents:
         """A ``signal`` could not be sent, for ``reason`` (a bounded token); ``chains``
         would have followed it: each counts it as unsent."""
 
+    def not_followed(self, signal: str, reason: str, chains: Sequence[int]) -> None:
+        """A ``signal`` was sent but ``chains`` do not follow it, for ``reason`` (the
+        prober could not keep up: ``saturated``)."""
+
     def verdict(self, followed: FollowedSignal) -> None:
         """``followed`` is judged: every hop has its result (or the run was interrupted and
-        the verdict is ``aborted``). Hop results arrive with the verdict, never alone."""
+        the verdict is ``aborted``; or the prober could not judge a hop and it is
+        ``inconclusive``). Hop results arrive with the verdict, never alone."""
 
     def retired(self, followed: FollowedSignal) -> None:
         """``followed`` leaves the tracker after its chain's last deadline; nothing about

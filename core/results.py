@@ -12,6 +12,12 @@ summary, health, objectives and the Prometheus rules in deploy/ use these defini
   hop; ``aborted`` (the run was interrupted first) says nothing of the platform. A signal the
   chain would have followed but that could not be sent is **unsent**: the platform did not
   take it. A chain's **success ratio** is ok / (ok + failed + unsent).
+- What the prober's own limits hid is never the platform's: a hop the prober could not
+  judge (it was blind when the deadline passed, see :mod:`fleetprobe.core.blind_spans`) is
+  ``inconclusive``, and so is a chain with no failure but such a hop; a signal sent while
+  the prober could not keep up is **not followed** (reason ``saturated``). Neither counts
+  in a success ratio: objectives take them as unknowns, and a run whose objectives they
+  could decide is itself inconclusive.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class HopResult(StrEnum):
     INVALID = "invalid"  # seen, but an expectation failed or the body was unreadable
     OUT_OF_ORDER = "out_of_order"  # seen before an earlier hop
     SUPERSEDED = "superseded"  # a later signal of the vehicle replaced it (latest-only state)
+    INCONCLUSIVE = "inconclusive"  # the prober was blind when it would have been judged
 
 
 class Verdict(StrEnum):
@@ -37,6 +44,7 @@ class Verdict(StrEnum):
     OK = "ok"
     FAILED = "failed"
     ABORTED = "aborted"  # the run was interrupted before the chain could be judged
+    INCONCLUSIVE = "inconclusive"  # no hop failed, but the prober could not judge one
 
 
 SKIPPED = "skipped"
@@ -45,6 +53,9 @@ PENDING = "pending"
 """The counted result of a hop an interrupted run could not judge."""
 UNSENT = "unsent"
 """A chain's count of the signals it would have followed whose send failed."""
+SATURATED = "saturated"
+"""Why a signal was sent but not followed: the prober could not keep up (it follows
+again once it does)."""
 
 FAILURES = frozenset({HopResult.TIMEOUT, HopResult.INVALID, HopResult.OUT_OF_ORDER})
 """A hop's own failures: the first of them in a chain is where the chain broke."""
@@ -54,7 +65,7 @@ HOP_FAILED = frozenset(result.value for result in FAILURES)
 """Counted results that count as failed at a hop."""
 COUNTED_RESULTS = (*(result.value for result in HopResult), SKIPPED)
 """Every counted result of a judged hop, in the order outputs list them."""
-CHAIN_RESULTS = (Verdict.OK.value, Verdict.FAILED.value, Verdict.ABORTED.value, UNSENT)
+CHAIN_RESULTS = (*(verdict.value for verdict in Verdict), UNSENT)
 """Every chain result that is counted, in the order outputs list them."""
 
 
@@ -92,6 +103,7 @@ class FollowedSignal:
         "sent_wall_ns",
         "signal",
         "trace_id",
+        "uncertain",
         "verdict",
         "vin",
     )
@@ -124,11 +136,17 @@ class FollowedSignal:
         self.duplicates: dict[int, int] | None = None
         self.verdict: Verdict | None = None
         self.failed_hop: int | None = None
+        self.uncertain = 0  # bit h: hop h was read while the prober was blind
 
     @property
     def intended_wall_ns(self) -> int:
         """When the fleet model scheduled the signal, on the wall clock."""
         return self.sent_wall_ns - (self.sent_ns - self.intended_ns)
+
+    def latency_known(self, hop: int) -> bool:
+        """Whether a seen hop's stamp is exact (it was not read while the prober was blind:
+        then the latency is at most what it shows)."""
+        return not self.uncertain >> hop & 1
 
     def latency_s(self, hop: int) -> float | None:
         """Seen minus sent, for a seen hop."""
@@ -144,7 +162,8 @@ class FollowedSignal:
         return (seen - before) / 1e9 if before else None
 
     def chain_latency_s(self) -> float | None:
-        """Send to the last sighting, for a chain that ended ok."""
+        """Send to the last sighting, for a chain that ended ok (at most that, when a hop
+        was read while the prober was blind: see :attr:`uncertain`)."""
         if self.verdict is not Verdict.OK:
             return None
         last = max(self.seen_ns)

@@ -10,6 +10,11 @@ per signal.
 A signal's verdict is given as soon as every hop has a result; the signal stays in the
 table until its chain's last deadline, so a repeat sighting still counts as a duplicate,
 and then it is retired (the trace log writes it).
+
+The tracker never blames the platform for the prober's own limits: a deadline is expired
+only once every observer has taken in what it received before it (the sweep's
+*watermark*), and what the prober's blind spans (:mod:`fleetprobe.core.blind_spans`) may
+have hidden is ``inconclusive``, never a failure.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from fleetprobe.core.blind_spans import BlindSpans
 from fleetprobe.core.events import RunEvents
 from fleetprobe.core.results import FAILURES, FollowedSignal, HopResult, Verdict
 from fleetprobe.probes.chains import ChainSpec
@@ -44,14 +50,17 @@ class Tracker:
         owns: Callable[[str], bool] | None = None,
         capacity: int = CAPACITY,
         counts_anonymous: bool = True,
+        blind: BlindSpans | None = None,
     ) -> None:
         """``owns(trace_id)`` says whether an id nobody follows is this tracker's to count
         as unmatched; under sharding, other shards' ids are not (default: all are).
         ``counts_anonymous``: whether messages without a readable id are this tracker's to
         count (every shard sees them; one shard counts them). ``capacity`` bounds the
-        signals in flight (see :attr:`full`)."""
+        signals in flight (see :attr:`full`). ``blind``: when the prober could not see
+        (None: it always could)."""
         self.chains = tuple(chains)
         self.capacity = capacity
+        self._blind = blind
         self._counts_anonymous = counts_anonymous
         self._events = events
         self._owns = owns
@@ -66,9 +75,10 @@ class Tracker:
             [{} if h.latest else None for h in c.hops] for c in self.chains
         ]
         # Retired ids stay known for one more chain deadline, so that a sighting that comes
-        # after the verdict is counted as late, not as an id nobody follows.
-        self._retired: list[dict[str, int]] = [{} for _ in self.chains]
-        self._retired_order: list[deque[tuple[int, str]]] = [deque() for _ in self.chains]
+        # after the verdict is counted as late, not as an id nobody follows; so do the ids
+        # of signals sent but not followed, whose sightings are nobody's to count.
+        self._retired = [_RecentIds() for _ in self.chains]
+        self._shed = [_RecentIds() for _ in self.chains]
 
     def inflight(self, chain_index: int) -> int:
         """Signals of a chain that are still in the table."""
@@ -126,6 +136,11 @@ class Tracker:
                     waiting.popleft()  # judged meanwhile: keeps the lists short
                 waiting.append(followed)
 
+    def shed(self, chain_index: int, trace_id: str, sent_ns: int) -> None:
+        """A signal sent at ``sent_ns`` that is not followed (the prober could not keep
+        up): its sightings are not counted as anything."""
+        self._shed[chain_index].add(trace_id, sent_ns + 2 * self._within_ns[chain_index][-1])
+
     def forget(self, chain_index: int, trace_id: str) -> bool:
         """Stop following a signal whose send failed: it gets no verdict.
 
@@ -153,11 +168,21 @@ class Tracker:
         if followed.results[hop_index] is not None:
             self._events.unmatched(chain_index, hop_index, LATE)
             return
-        if seen_ns >= followed.sent_ns + self._within_ns[chain_index][hop_index]:
+        deadline_ns = followed.sent_ns + self._within_ns[chain_index][hop_index]
+        earliest_ns = self._blind.earliest_arrival(seen_ns) if self._blind else None
+        if seen_ns >= deadline_ns:
+            if earliest_ns is not None and earliest_ns < deadline_ns:
+                # Read late by a blind prober: it may have arrived in time, or not.
+                followed.seen_ns[hop_index] = seen_ns
+                followed.uncertain |= 1 << hop_index
+                self._set_result(followed, hop_index, HopResult.INCONCLUSIVE)
+                return
             # Seen after its deadline but before the sweep got to it: still a timeout.
             self._events.unmatched(chain_index, hop_index, LATE)
             self._set_result(followed, hop_index, HopResult.TIMEOUT)
             return
+        if earliest_ns is not None:
+            followed.uncertain |= 1 << hop_index  # in time, but how early is not known
         # A poll answer back-dated by its wait for a connection can predate a signal sent
         # meanwhile; nothing is seen before it was sent.
         followed.seen_ns[hop_index] = seen_ns = max(seen_ns, followed.sent_ns + 1)
@@ -186,8 +211,14 @@ class Tracker:
             self._events.unmatched(chain_index, hop_index, reason)
 
     def expire(self, now_ns: int) -> None:
-        """Time out every hop whose deadline has passed, and retire finished signals."""
-        self._forget_retired(now_ns)
+        """Time out every hop whose deadline has passed, and retire finished signals.
+
+        ``now_ns`` is the watermark: every observer has taken in what it received before.
+        A hop whose wait overlapped a backlog of the prober is inconclusive, not a timeout.
+        """
+        for recent in (*self._retired, *self._shed):
+            recent.forget_until(now_ns)
+        blind = self._blind
         for chain_index, queues in enumerate(self._queues):
             within = self._within_ns[chain_index]
             last = len(queues) - 1
@@ -198,7 +229,13 @@ class Tracker:
                     if followed.verdict is Verdict.ABORTED:
                         continue
                     if followed.results[hop_index] is None and not followed.seen_ns[hop_index]:
-                        self._set_result(followed, hop_index, HopResult.TIMEOUT)
+                        deadline_ns = followed.sent_ns + deadline_offset
+                        lost = blind is not None and blind.may_have_lost(
+                            followed.sent_ns, deadline_ns
+                        )
+                        result = HopResult.INCONCLUSIVE if lost else HopResult.TIMEOUT
+                        print("EXPIRE", now_ns / 1e9, deadline_ns / 1e9, result)
+                        self._set_result(followed, hop_index, result)
                     if hop_index == last:
                         self._retire(followed)
 
@@ -238,8 +275,11 @@ class Tracker:
                 break
             result = held.pop(later)
             limit = followed.seen_ns[later] + self._order_tolerance_ns
-            if any(seen > limit for seen in followed.seen_ns[:later]):
-                result = HopResult.OUT_OF_ORDER
+            after = [h for h, seen in enumerate(followed.seen_ns[:later]) if seen > limit]
+            if after:
+                # An earlier hop read late by a blind prober may only seem to come after.
+                late_read = any(not followed.latency_known(h) for h in after)
+                result = HopResult.INCONCLUSIVE if late_read else HopResult.OUT_OF_ORDER
             followed.results[later] = result
         self._complete_if_judged(followed)
 
@@ -269,6 +309,8 @@ class Tracker:
                 self._set_result(older, hop_index, HopResult.SUPERSEDED)
 
     def _complete_if_judged(self, followed: FollowedSignal) -> None:
+        """Failed at the first failing hop; else inconclusive when a hop could not be
+        judged; else ok."""
         if followed.verdict is not None or None in followed.results:
             return
         for hop_index, result in enumerate(followed.results):
@@ -276,22 +318,16 @@ class Tracker:
                 followed.verdict, followed.failed_hop = Verdict.FAILED, hop_index
                 break
         else:
-            followed.verdict = Verdict.OK
+            inconclusive = HopResult.INCONCLUSIVE in followed.results
+            followed.verdict = Verdict.INCONCLUSIVE if inconclusive else Verdict.OK
         self._events.verdict(followed)
 
     def _retire(self, followed: FollowedSignal) -> None:
         c = followed.chain_index
         if self._tables[c].pop(followed.trace_id, None) is None:
             return
-        forget_at_ns = followed.sent_ns + 2 * self._within_ns[c][-1]
-        self._retired[c][followed.trace_id] = forget_at_ns
-        self._retired_order[c].append((forget_at_ns, followed.trace_id))
+        self._retired[c].add(followed.trace_id, followed.sent_ns + 2 * self._within_ns[c][-1])
         self._events.retired(followed)
-
-    def _forget_retired(self, now_ns: int) -> None:
-        for retired, order in zip(self._retired, self._retired_order, strict=True):
-            while order and order[0][0] <= now_ns:
-                retired.pop(order.popleft()[1], None)
 
     def _count_duplicate(self, followed: FollowedSignal, hop_index: int) -> None:
         if followed.duplicates is None:
@@ -307,22 +343,51 @@ class Tracker:
             return
         if self._owns is not None and not self._owns(trace_id):
             return
+        if trace_id in self._shed[chain_index]:
+            return
         late = trace_id in self._retired[chain_index]
         self._events.unmatched(chain_index, hop_index, LATE if late else UNKNOWN_TRACE_ID)
 
 
+class _RecentIds:
+    """Trace ids remembered until a time of their own (monotonic ns), in that order."""
+
+    __slots__ = ("_ids", "_order")
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._order: deque[tuple[int, str]] = deque()
+
+    def add(self, trace_id: str, forget_at_ns: int) -> None:
+        self._ids[trace_id] = forget_at_ns
+        self._order.append((forget_at_ns, trace_id))
+
+    def __contains__(self, trace_id: str) -> bool:
+        return trace_id in self._ids
+
+    def forget_until(self, now_ns: int) -> None:
+        order = self._order
+        while order and order[0][0] <= now_ns:
+            self._ids.pop(order.popleft()[1], None)
+
+
 async def sweep_deadlines(
-    tracker: Tracker, done: Callable[[], bool], max_interval_s: float = 0.01
+    tracker: Tracker,
+    done: Callable[[], bool],
+    max_interval_s: float = 0.01,
+    watermark: Callable[[int], int] | None = None,
 ) -> None:
     """Expire the tracker's deadlines as they come, until ``done()`` is true.
 
     Sleeps until the earliest pending deadline, but never longer than ``max_interval_s``
     (a signal followed meanwhile may bring an earlier one), so a timeout is declared
-    within a few milliseconds of its deadline.
+    within a few milliseconds of its deadline. ``watermark(now)``: the time up to which
+    every observer has taken in what it received (default: now); no deadline after it is
+    expired, so what the prober has not read yet never times out.
     """
     while True:
         now_ns = time.monotonic_ns()
-        tracker.expire(now_ns)
+        tracker.expire(now_ns if watermark is None else min(now_ns, watermark(now_ns)))
         if done():
             return
         next_ns = tracker.next_deadline_ns()

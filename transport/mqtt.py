@@ -16,15 +16,18 @@ per second on one core, and its receive stamp is what every hop latency is measu
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
 import ssl
+import termios
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -148,6 +151,13 @@ class InboundMessage:
     as it arrived (``payload`` is empty), only its topic kept."""
 
 
+BacklogListener = Callable[[int, "int | None"], None]
+"""Told ``(since_ns, None)`` when a session falls behind what the broker delivers (bytes
+are left in its socket after a read, or its queue overflows) and ``(since_ns, end_ns)``
+when it has caught up again: until ``end_ns`` its stamps may be late, and a broker may
+drop what a subscriber that far behind cannot take."""
+
+
 class _Connection(asyncio.Protocol):
     """The bytes of one MQTT connection: frames in, packets out, flow control.
 
@@ -155,7 +165,9 @@ class _Connection(asyncio.Protocol):
     before any other work; received PUBLISH packets are acknowledged here as well.
     """
 
-    def __init__(self, level: int, inbound_limit: int) -> None:
+    def __init__(
+        self, level: int, inbound_limit: int, on_backlog: BacklogListener | None = None
+    ) -> None:
         self.level = level
         self.transport: asyncio.Transport | None = None
         # A message is never buffered over MAX_MESSAGE_BYTES: a bounded read of the broker.
@@ -178,6 +190,11 @@ class _Connection(asyncio.Protocol):
         self._batch: list[bytes] = []
         self._batch_bytes = 0
         self.last_write_ns = self.last_read_ns = time.monotonic_ns()
+        self._on_backlog = on_backlog
+        self._fd = -1  # the socket, when its backlog is watched
+        self._unread = array.array("i", [0])
+        self._drained_ns = self.last_read_ns  # when a read last left nothing behind
+        self._backlog_since: int | None = None
 
     # asyncio.Protocol
 
@@ -188,9 +205,13 @@ class _Connection(asyncio.Protocol):
         if sock is not None:
             # Nagle's algorithm holds small writes back for up to ~40 ms on loopback.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._on_backlog is not None:
+                self._fd = sock.fileno()
 
     def data_received(self, data: bytes) -> None:
         seen_ns = self.last_read_ns = time.monotonic_ns()
+        if self._fd >= 0:
+            self._note_backlog(seen_ns)
         decoder = self._decoder
         decoder.feed(data)
         try:
@@ -208,9 +229,42 @@ class _Connection(asyncio.Protocol):
         except SendError:
             pass  # closing: the acknowledgement cannot go out, and the broker will resend
 
+    def _note_backlog(self, read_ns: int) -> None:
+        """Whether this read left bytes in the socket (checked before the read is parsed,
+        so that what arrives meanwhile is not taken for a backlog): ~0.2 µs a read."""
+        try:
+            fcntl.ioctl(self._fd, termios.FIONREAD, self._unread)
+        except OSError:
+            return  # closing
+        assert self._on_backlog is not None
+        if self._unread[0]:
+            if self._backlog_since is None:
+                # Seen now; a loop held up before (whose reads are late) is a stall span.
+                self._backlog_since = read_ns
+                self._on_backlog(read_ns, None)
+            return
+        if self._backlog_since is not None:
+            self._on_backlog(self._backlog_since, read_ns)
+            self._backlog_since = None
+        self._drained_ns = read_ns
+
+    @property
+    def behind_since_ns(self) -> int | None:
+        """Since when the session has been behind (bytes waiting in its socket, or
+        messages in its queue); None when it has taken in everything it received."""
+        # Bytes left in the socket may have waited since the last read that drained it.
+        since = None if self._backlog_since is None else self._drained_ns
+        if self.inbound:
+            oldest = self.inbound[0].seen_ns - 1
+            since = oldest if since is None else min(since, oldest)
+        return since
+
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.close_reason == "connection lost":
             self.close_reason = f"connection lost ({exc})"
+        if self._backlog_since is not None and self._on_backlog is not None:
+            self._on_backlog(self._backlog_since, time.monotonic_ns())  # nothing more to read
+            self._backlog_since = None
         lost = SendError(f"not sent: {self.close_reason}", reason="disconnected")
         waiting: list[asyncio.Future[Ack]] | list[asyncio.Future[Suback]]
         for waiting in (list(self.acks.values()), list(self.subacks.values())):
@@ -334,6 +388,9 @@ class _Connection(asyncio.Protocol):
     def _queue_is_full(self, size: int) -> bool:
         if len(self.inbound) >= self.inbound_limit or self.inbound_bytes + size > _INBOUND_BYTES:
             self.inbound_dropped += 1
+            if self._on_backlog is not None and self.inbound:
+                # Lost here: blind from the oldest message still waiting until now.
+                self._on_backlog(self.inbound[0].seen_ns, self.last_read_ns)
             return True
         return False
 
@@ -382,14 +439,22 @@ class MqttSession:
             one when None.
         inbound_limit: how many received messages may wait for the application; past it
             messages are dropped and counted in ``inbound_dropped``.
+        on_backlog: told when the session falls behind the broker and catches up again
+            (:data:`BacklogListener`); None: not watched.
     """
 
     def __init__(
-        self, target: BrokerTarget, client_id: str | None = None, *, inbound_limit: int = 100_000
+        self,
+        target: BrokerTarget,
+        client_id: str | None = None,
+        *,
+        inbound_limit: int = 100_000,
+        on_backlog: BacklogListener | None = None,
     ) -> None:
         self.target = target
         self.client_id = client_id or f"fleetprobe-{os.urandom(6).hex()}"
         self._inbound_limit = inbound_limit
+        self._on_backlog = on_backlog
         self._level = MQTT_5 if target.protocol == "5" else MQTT_311
         self._connection: _Connection | None = None
         self._keepalive_timer: asyncio.TimerHandle | None = None
@@ -441,9 +506,9 @@ class MqttSession:
     async def _connect(self) -> Connack:
         t = self.target
         loop = asyncio.get_running_loop()
-        level, limit = self._level, self._inbound_limit
+        level, limit, on_backlog = self._level, self._inbound_limit, self._on_backlog
         _, connection = await loop.create_connection(
-            lambda: _Connection(level, limit),
+            lambda: _Connection(level, limit, on_backlog),
             t.host,
             t.port,
             ssl=t.tls,
@@ -553,6 +618,13 @@ class MqttSession:
     def inbound_dropped(self) -> int:
         """Messages dropped because the application fell ``inbound_limit`` behind."""
         return self._connected().inbound_dropped
+
+    @property
+    def behind_since_ns(self) -> int | None:
+        """Since when the session has been behind what it received (a watched session's
+        socket backlog, or messages waiting for the application); None: it is not."""
+        connection = self._connection
+        return None if connection is None else connection.behind_since_ns
 
     @property
     def inbound_waiting(self) -> int:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
+from fleetprobe.core.blind_spans import BlindSpans
 from fleetprobe.core.errors import FleetprobeError
 from fleetprobe.core.events import RunEvents
 from fleetprobe.core.queues import QueueState
@@ -75,12 +76,14 @@ class WatchedHop:
 @dataclass(frozen=True)
 class ObserverContext:
     """What observers may use: the tracker (for marks), where the platform is, the run's
-    events (for a hop kind's own errors, :meth:`RunEvents.hop_error`), where to listen."""
+    events (for a hop kind's own errors, :meth:`RunEvents.hop_error`), where to listen, and
+    where to note when they fell behind what reached them (their blind spans)."""
 
     tracker: Tracker
     broker: BrokerTarget
     events: RunEvents
     webhook_listen: tuple[str, int] = ("127.0.0.1", 9465)
+    blind: BlindSpans | None = None
 
 
 class Observer(ABC):
@@ -117,6 +120,12 @@ class Observer(ABC):
 
     async def close(self) -> None:  # noqa: B027 - most kinds have nothing to release
         """Release connections; called once after :meth:`run` ended."""
+
+    def watermark(self, now_ns: int) -> int:
+        """The time up to which the observer has handed the tracker everything that
+        reached it (monotonic ns): no deadline after it may expire yet. Default: now (it
+        hands each arrival over as it comes)."""
+        return now_ns
 
     @property
     def queue(self) -> QueueState | None:

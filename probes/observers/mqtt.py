@@ -109,6 +109,11 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
     def link(self) -> LinkStats:
         return self._link
 
+    def watermark(self, now_ns: int) -> int:
+        session = self._session
+        since = session.behind_since_ns if session is not None else None
+        return now_ns if since is None else min(now_ns, since)
+
     async def start(self) -> None:
         self._session = await self._connect_and_subscribe()
         self._link.up()
@@ -149,7 +154,12 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
                 log.debug("the MQTT observer could not reconnect: %s", error)
 
     async def _connect_and_subscribe(self) -> MqttSession:
-        session = MqttSession(self.context.broker, self._client_id, inbound_limit=INBOUND_LIMIT)
+        session = MqttSession(
+            self.context.broker,
+            self._client_id,
+            inbound_limit=INBOUND_LIMIT,
+            on_backlog=self._on_backlog if self.context.blind is not None else None,
+        )
         await session.__aenter__()
         try:
             filters = list(self._routes)
@@ -167,6 +177,15 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
                 f"the broker refused the subscription to {', '.join(refused)} (hops: {names})"
             )
         return session
+
+    def _on_backlog(self, since_ns: int, end_ns: int | None) -> None:
+        """The session fell behind the broker (``end_ns`` None) or caught up."""
+        blind = self.context.blind
+        assert blind is not None
+        if end_ns is None:
+            blind.open(self._client_id, since_ns)
+        else:
+            blind.close(self._client_id, end_ns, since_ns)
 
     async def _forget_session(self) -> None:
         session, self._session = self._session, None
