@@ -4,11 +4,15 @@ emit ``signal_sent`` or ``not_sent`` for each."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
+from fleetprobe.core.blind_spans import BlindSpans
 from fleetprobe.core.events import RunEvents
 from fleetprobe.core.queues import QueueState
+from fleetprobe.core.results import SATURATED
 from fleetprobe.probes.tracker import Tracker
 from fleetprobe.simulator.faults import FleetFaults, Held, malform
 from fleetprobe.simulator.fleet import Emission
@@ -21,6 +25,14 @@ MAX_WAITING = 100_000
 TRACKER_FULL = "tracker_full"
 BACKLOG_FULL = "backlog_full"
 INTERRUPTED = "interrupted"
+SHED_LAG_NS = 100_000_000
+"""Emission lag past which the prober follows only one signal in ``FOLLOW_ONE_IN`` and
+sends the others without following them, until it has caught up: it then spends little
+on them but the send."""
+FOLLOW_ONE_IN = 16
+READ_FIRST_S = 1.0
+"""The longest the fleet waits for the observers to read what reached them (what they
+do not read, the platform may drop, and what they read late is stamped late)."""
 
 
 class Emitter:
@@ -32,6 +44,14 @@ class Emitter:
     are written in line; QoS 1 and 2 wait for their slot and ack in tasks, at most
     ``MAX_UNACKED`` at a time: past that the emitter waits, and the emission lag shows the
     back-pressure instead of hiding it.
+
+    The prober protects its measurements before its schedule: while an observer has
+    bytes waiting in its socket, the fleet waits (a late send is only emission lag; a late
+    read would be a wrong latency, and unread bytes a broker may drop). When it cannot keep
+    its schedule for want of CPU (emission lag over ``SHED_LAG_NS`` while its loop is
+    busy, or an observer behind for longer than the blind-span tolerance), it follows one
+    signal in ``FOLLOW_ONE_IN`` and sends the others without following them
+    (``not_followed``, reason ``saturated``).
     """
 
     def __init__(
@@ -42,8 +62,15 @@ class Emitter:
         faults: FleetFaults | None = None,
         *,
         reconnect_backlog: int = MAX_WAITING,
+        blind: BlindSpans | None = None,
+        loop_busy: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``blind``: when the observers fell behind what they receive; ``loop_busy``:
+        whether the loop is short of CPU (then a late schedule is the prober's, not a
+        platform's back-pressure)."""
         self._publisher = publisher
+        self._blind = blind
+        self._loop_busy = loop_busy
         self._reconnect_backlog = reconnect_backlog
         self._tracker = tracker
         self._events = events
@@ -56,6 +83,7 @@ class Emitter:
         self._pending: set[asyncio.Task[None]] = set()
         self._waiting = 0
         self._overflowed = {TRACKER_FULL: 0, BACKLOG_FULL: 0}
+        self._saturated_count = 0
 
     @property
     def queues(self) -> dict[str, QueueState]:
@@ -82,6 +110,10 @@ class Emitter:
         faults = self._faults
         if faults.any_active and not held and faults.hold(emission, intended_ns):
             return
+        if self._blind is not None and self._blind.behind:
+            with contextlib.suppress(TimeoutError):  # still behind: then it sheds (below)
+                async with asyncio.timeout(READ_FIRST_S):
+                    await self._blind.caught_up()
         if not self._publisher.ready(emission.vin):
             given_up = self._publisher.given_up(emission.vin)
             if given_up is not None:
@@ -145,14 +177,36 @@ class Emitter:
         outgoing = self._publisher.prepare(emission, intended_ns, clock_skew_ns=skew_ns)
         copies = 1
         followed: list[int] = []
+        lag_ns = None if held else outgoing.sent_ns - intended_ns
         if faults.any_active and faults.malformed():
             # A broken payload carries no readable trace id: nothing can follow it.
             outgoing.payload = malform(outgoing.payload)
         else:
-            followed = self._follow(emission, intended_ns, outgoing)
+            if self._saturated(lag_ns, outgoing.sent_ns):
+                self._shed(emission, outgoing.sent_ns)
+            else:
+                followed = self._follow(emission, intended_ns, outgoing)
             copies = 2 if faults.any_active and faults.duplicated() else 1
-        lag_ns = None if held else outgoing.sent_ns - intended_ns
         return outgoing, lag_ns, followed, copies
+
+    def _saturated(self, lag_ns: int | None, now_ns: int) -> bool:
+        """Whether the prober is too far behind to follow this signal: its observers fell
+        behind, or its schedule slipped for want of CPU (a platform that holds the fleet
+        back, by its acks or its socket, makes a late schedule that is no reason to shed)."""
+        if self._blind is not None and self._blind.falling_behind(now_ns):
+            return True
+        if lag_ns is None or lag_ns <= SHED_LAG_NS or not self._loop_busy():
+            return False
+        self._saturated_count += 1
+        return self._saturated_count % FOLLOW_ONE_IN != 0
+
+    def _shed(self, emission: Emission, sent_ns: int) -> None:
+        """Send ``emission`` without following it."""
+        chains = self._followers(emission)
+        if chains:
+            for index in chains:
+                self._tracker.shed(index, emission.trace_id, sent_ns)
+            self._events.not_followed(emission.signal, SATURATED, chains)
 
     async def _emit_when_ready(self, emission: Emission, intended_ns: int) -> None:
         try:

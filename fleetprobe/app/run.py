@@ -29,6 +29,7 @@ from fleetprobe.app.outcomes import SignalLedger, judge
 from fleetprobe.app.plan import make_plan
 from fleetprobe.app.scenario import LoadedScenario
 from fleetprobe.app.scenario.models import Scenario
+from fleetprobe.core.blind_spans import TOLERANCE_NS, BlindSpans, LoopWatch
 from fleetprobe.core.errors import FleetprobeError
 from fleetprobe.core.events import RunEventFanout
 from fleetprobe.core.queues import QueueState
@@ -126,6 +127,9 @@ class _Run:
         judged = {e.chain for e in scenario.expect}
         self.ledger = SignalLedger({i for i, chain in enumerate(chains) if chain.name in judged})
         self.saturation = SaturationWatch(self._queues, registry, name)
+        # What the prober could not see, kept while a signal sent then may still be judged.
+        longest_wait_ns = max(round(h.within_s * 1e9) for c in chains for h in c.hops)
+        self.blind = BlindSpans(2 * longest_wait_ns + TOLERANCE_NS, self.saturation.blind_span)
         # Every event of the run goes through this one fan-out, to every output.
         self.events = RunEventFanout(
             [self.metrics, self.book, self.health, self.ledger, self.saturation]
@@ -143,6 +147,7 @@ class _Run:
             _owned_by(options.shard),
             options.tracker_capacity,
             counts_anonymous=options.shard[0] == 0,  # shard 0 counts what carries no id
+            blind=self.blind,
         )
         self.metrics.track_inflight(self.tracker.inflight)
         self.alerts: AlertSender | None = None
@@ -250,6 +255,7 @@ class _Run:
             self.plan.broker,
             self.events,
             split_listen(self.scenario.exporters.webhook_receiver.listen),
+            self.blind,
         )
         observers = self.observers
         for kind, hops in self.plan.hops_by_kind.items():
@@ -301,8 +307,14 @@ class _Run:
             background = [group.create_task(_observe(o)) for o in observers]
             background.append(group.create_task(self.live.run()))
             background.append(group.create_task(self._watch_health()))
+            loop_watch = LoopWatch(self.blind)
+            background.append(group.create_task(loop_watch.run()))
             sweeper = group.create_task(
-                sweep_deadlines(tracker, lambda: not emitting and tracker.idle)
+                sweep_deadlines(
+                    tracker,
+                    lambda: not emitting and tracker.idle,
+                    watermark=_watermark(loop_watch, observers, self.blind),
+                )
             )
             self.live.phase = "emitting"
             self.emitter = emitter = Emitter(
@@ -311,6 +323,8 @@ class _Run:
                 self.events,
                 self.faults.fleet,
                 reconnect_backlog=self.options.reconnect_backlog,
+                blind=self.blind,
+                loop_busy=lambda: loop_watch.busy,
             )
             if self.trace_log is not None:
                 self.trace_log.open()  # only now: a start that fails leaves the last one
@@ -440,6 +454,20 @@ def _canceller(task: asyncio.Task[Any] | None) -> Callable[[], None]:
             task.cancel()
 
     return cancel
+
+
+def _watermark(
+    loop: LoopWatch, observers: list[Observer], blind: BlindSpans
+) -> Callable[[int], int]:
+    """Up to when every observer has handed over what reached it."""
+
+    def watermark(now_ns: int) -> int:
+        handed_over = min(o.watermark(now_ns) for o in observers)
+        if handed_over < now_ns:  # what still waits was read then, and may have come earlier
+            handed_over = blind.earliest_arrival(handed_over) or handed_over
+        return min(loop.watermark(now_ns), handed_over)
+
+    return watermark
 
 
 def _owned_by(shard: tuple[int, int]) -> Callable[[str], bool] | None:
