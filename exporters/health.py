@@ -21,15 +21,15 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge
 
 from fleetprobe.core.events import HealthChange, RunEvents
-from fleetprobe.core.results import HOP_OK, PENDING, SKIPPED, FollowedSignal, Verdict
+from fleetprobe.core.results import HOP_OK, PENDING, SKIPPED, FollowedSignal, HopResult, Verdict
 from fleetprobe.probes.chains import ChainSpec
 
 log = logging.getLogger("fleetprobe.health")
 
 MAX_RECENT_LATENCIES = 10_000
-# Results that are no sample at all: a failure owed to an earlier hop, or no result yet
-# (an aborted signal's unjudged hop).
-_NOT_SAMPLES = frozenset({SKIPPED, PENDING})
+# Results that are no sample at all: a failure owed to an earlier hop, no result yet (an
+# aborted signal's unjudged hop), or one the prober could not judge.
+_NOT_SAMPLES = frozenset({SKIPPED, PENDING, HopResult.INCONCLUSIVE.value})
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,8 @@ class HealthMonitor(RunEvents):
             if counted in _NOT_SAMPLES:
                 continue
             ok = counted in HOP_OK
-            health.record(now_ns, ok, followed.latency_s(hop_index) if ok else None)
+            exact = ok and followed.latency_known(hop_index)
+            health.record(now_ns, ok, followed.latency_s(hop_index) if exact else None)
 
     def evaluate(self, now_ns: int, wall_ns: int | None = None) -> list[HealthChange]:
         """Judge every hop at monotonic ``now_ns``; return the hops whose state changed.

@@ -22,6 +22,9 @@ class JudgedObjective(Protocol):
     @property
     def ok(self) -> bool: ...
 
+    @property
+    def inconclusive(self) -> bool: ...
+
 
 def write_junit(
     path: str | Path, suite: str, outcomes: Sequence[JudgedObjective], time_s: float
@@ -31,20 +34,18 @@ def write_junit(
     Raises:
         OSError: it could not be written; the previous file is left as it was.
     """
-    failures = sum(1 for o in outcomes if not o.ok)
-    root = ET.Element("testsuites", tests=str(len(outcomes)), failures=str(failures))
-    suite_element = ET.SubElement(
-        root,
-        "testsuite",
-        name=suite,
-        tests=str(len(outcomes)),
-        failures=str(failures),
-        errors="0",
-        time=f"{time_s:.3f}",
-    )
+    errors = sum(1 for o in outcomes if o.inconclusive)
+    failures = sum(1 for o in outcomes if not o.ok) - errors
+    counts = {"tests": str(len(outcomes)), "failures": str(failures), "errors": str(errors)}
+    root = ET.Element("testsuites", counts)
+    suite_element = ET.SubElement(root, "testsuite", counts, name=suite, time=f"{time_s:.3f}")
     for outcome in outcomes:
         case = ET.SubElement(suite_element, "testcase", classname=suite, name=outcome.title)
-        if not outcome.ok:
+        if outcome.inconclusive:
+            # An error, not a failure: the prober could not judge, the platform did not fail.
+            error = ET.SubElement(case, "error", message=outcome.explanation, type="inconclusive")
+            error.text = outcome.explanation
+        elif not outcome.ok:
             failure = ET.SubElement(case, "failure", message=outcome.explanation, type="objective")
             failure.text = outcome.explanation
         else:

@@ -13,7 +13,14 @@ from collections.abc import Callable, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from fleetprobe.core.events import RunEvents
-from fleetprobe.core.results import COUNTED_RESULTS, UNSENT, FollowedSignal, HopResult, Verdict
+from fleetprobe.core.results import (
+    COUNTED_RESULTS,
+    SATURATED,
+    UNSENT,
+    FollowedSignal,
+    HopResult,
+    Verdict,
+)
 from fleetprobe.probes.chains import ChainSpec
 
 # From 1 ms to 60 s: the span between a broker hop on loopback and a slow webhook.
@@ -64,7 +71,9 @@ class ProbeMetrics(RunEvents):
         self.chains = tuple(chains)
         s = scenario
         Info(
-            "fleetprobe_run", "The run: its id (trace ids derive from it).", ["scenario"],
+            "fleetprobe_run",
+            "The run: its id (trace ids derive from it).",
+            ["scenario"],
             registry=registry,
         ).labels(s).info({"run_id": run_id})
         self.signals_sent = Counter(
@@ -77,6 +86,13 @@ class ProbeMetrics(RunEvents):
             "fleetprobe_send_errors",
             "Signals that could not be sent, by reason.",
             ["scenario", "signal", "reason"],
+            registry=registry,
+        )
+        self.not_followed_signals = Counter(
+            "fleetprobe_not_followed",
+            "Signals sent that a chain did not follow, by reason (saturated: the prober "
+            "could not keep up and shed its own work).",
+            ["scenario", "chain", "reason"],
             registry=registry,
         )
         self.emission_lag = Histogram(
@@ -177,17 +193,22 @@ class ProbeMetrics(RunEvents):
             [self.hop_step.labels(s, c.name, h.name) for h in c.hops] for c in self.chains
         ]
         self._chain_latency = [self.chain_latency.labels(s, c.name) for c in self.chains]
-        self._chain_ok = [
-            self.chain_results.labels(s, c.name, Verdict.OK.value, "") for c in self.chains
+        self._chain_results = [
+            {
+                v: self.chain_results.labels(s, c.name, v.value, "")
+                for v in Verdict
+                if v is not Verdict.FAILED
+            }
+            for c in self.chains
         ]
         self._chain_failed = [
             [self.chain_results.labels(s, c.name, Verdict.FAILED.value, h.name) for h in c.hops]
             for c in self.chains
         ]
-        self._chain_aborted = [
-            self.chain_results.labels(s, c.name, Verdict.ABORTED.value, "") for c in self.chains
-        ]
         self._chain_unsent = [self.chain_results.labels(s, c.name, UNSENT, "") for c in self.chains]
+        self._not_followed = [
+            self.not_followed_signals.labels(s, c.name, SATURATED) for c in self.chains
+        ]
         for c in self.chains:
             for h in c.hops:
                 self.duplicates.labels(s, c.name, h.name)
@@ -207,26 +228,34 @@ class ProbeMetrics(RunEvents):
         for c in chains:
             self._chain_unsent[c].inc()
 
+    def not_followed(self, signal: str, reason: str, chains: Sequence[int]) -> None:
+        for c in chains:
+            if reason == SATURATED:
+                self._not_followed[c].inc()
+            else:
+                self.not_followed_signals.labels(self.scenario, self.chains[c].name, reason).inc()
+
     def verdict(self, followed: FollowedSignal) -> None:
         c = followed.chain_index
         for h, result in enumerate(followed.results):
             if result is None:  # an aborted signal's unjudged hop
                 continue
             self._results[c][h][followed.counted_result(h)].inc()
-            if result is HopResult.OK:
+            if result is HopResult.OK and followed.latency_known(h):
                 self._latency[c][h].observe(followed.latency_s(h) or 0.0)
                 step = followed.step_s(h)
                 if step is not None:
                     # Within the order tolerance a hop may be seen just before the previous
                     # one; a negative observation would make the histogram's _sum go down.
                     self._step[c][h].observe(max(0.0, step))
-        if followed.verdict is Verdict.OK:
-            self._chain_ok[c].inc()
-            self._chain_latency[c].observe(followed.chain_latency_s() or 0.0)
-        elif followed.verdict is Verdict.FAILED and followed.failed_hop is not None:
+        verdict = followed.verdict
+        if verdict is Verdict.FAILED and followed.failed_hop is not None:
             self._chain_failed[c][followed.failed_hop].inc()
-        else:
-            self._chain_aborted[c].inc()
+        elif verdict is not None and verdict is not Verdict.FAILED:
+            self._chain_results[c][verdict].inc()
+        latency = followed.chain_latency_s()
+        if latency is not None and not followed.uncertain:
+            self._chain_latency[c].observe(latency)
 
     def duplicate(self, chain_index: int, hop_index: int) -> None:
         chain = self.chains[chain_index]

@@ -32,7 +32,9 @@ def build_report(
             "ok": chain.verdicts["ok"],
             "failed": chain.verdicts["failed"],
             "aborted": chain.verdicts["aborted"],
+            "inconclusive": chain.verdicts["inconclusive"],
             "unsent": chain.unsent,
+            "not_followed": dict(chain.not_followed),
             "success_ratio": _ratio(chain.success_ratio),
             "failed_at": dict(chain.failed_at),
             "latency_s": chain.latency.summary(),
@@ -40,6 +42,7 @@ def build_report(
                 spec.name: {
                     "results": zero_results | dict(hop.results),
                     "latency_s": hop.latency.summary(),
+                    "latency_unknown": len(hop.latency_late),
                     "step_s": hop.step.summary(),
                     "duplicates": hop.duplicates,
                     "unmatched": dict(hop.unmatched),

@@ -28,6 +28,8 @@ class HopBook:
     duplicates: int = 0
     unmatched: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)  # the hop kind's own, by reason
+    latency_late: Samples = field(default_factory=Samples)
+    """Latencies of ok sightings read while the prober was blind: each at most that."""
 
     @property
     def success_ratio(self) -> float | None:
@@ -42,6 +44,7 @@ class HopBook:
         self.duplicates += other.duplicates
         self.unmatched.update(other.unmatched)
         self.errors.update(other.errors)
+        self.latency_late.extend(other.latency_late)
 
 
 @dataclass
@@ -54,6 +57,8 @@ class ChainBook:
     latency: Samples = field(default_factory=Samples)
     hops: list[HopBook] = field(default_factory=list)
     unsent: int = 0  # signals this chain would have followed, had their send not failed
+    not_followed: Counter[str] = field(default_factory=Counter)  # sent, by why not followed
+    latency_late: Samples = field(default_factory=Samples)  # ok, a hop read while blind
 
     @property
     def followed(self) -> int:
@@ -65,6 +70,11 @@ class ChainBook:
         """ok / (ok + failed + unsent): :func:`~fleetprobe.core.results.chain_success_ratio`."""
         return chain_success_ratio(self.verdicts["ok"], self.verdicts["failed"], self.unsent)
 
+    @property
+    def unjudged(self) -> int:
+        """Signals whose fate the prober could not tell: inconclusive or not followed."""
+        return self.verdicts[Verdict.INCONCLUSIVE.value] + sum(self.not_followed.values())
+
     def merge(self, other: ChainBook) -> None:
         """Add what ``other`` recorded (the same chain, followed by another shard)."""
         self.verdicts.update(other.verdicts)
@@ -73,6 +83,8 @@ class ChainBook:
         for hop, theirs in zip(self.hops, other.hops, strict=True):
             hop.merge(theirs)
         self.unsent += other.unsent
+        self.not_followed.update(other.not_followed)
+        self.latency_late.extend(other.latency_late)
 
 
 @dataclass
@@ -112,6 +124,10 @@ class ResultBook(RunEvents):
         for c in chains:
             self.chains[c].unsent += 1
 
+    def not_followed(self, signal: str, reason: str, chains: Sequence[int]) -> None:
+        for c in chains:
+            self.chains[c].not_followed[reason] += 1
+
     def verdict(self, followed: FollowedSignal) -> None:
         book = self.chains[followed.chain_index]
         assert followed.verdict is not None
@@ -120,13 +136,15 @@ class ResultBook(RunEvents):
             book.failed_at[book.spec.hops[followed.failed_hop].name] += 1
         latency = followed.chain_latency_s()
         if latency is not None:
-            book.latency.add(latency)
+            (book.latency_late if followed.uncertain else book.latency).add(latency)
         for h, result in enumerate(followed.results):
             if result is None:
                 continue
             hop = book.hops[h]
             hop.results[followed.counted_result(h)] += 1
-            if result is HopResult.OK:
+            if result is HopResult.OK and not followed.latency_known(h):
+                hop.latency_late.add(followed.latency_s(h) or 0.0)
+            elif result is HopResult.OK:
                 hop.latency.add(followed.latency_s(h) or 0.0)
                 step = followed.step_s(h)
                 if step is not None:

@@ -4,9 +4,11 @@ A probe that cannot keep its schedule reports its own overload as platform laten
 one that drops what it received reports it as platform loss. The
 :class:`SaturationWatch` files each sent signal's emission lag under the second of the
 run it was due in (from timestamps, so a loop too busy to look every second hides
-nothing), and looks at the observers' bounded queues; a second whose emission lag p99 is
-over the limit, or in which a queue overflowed, is saturated. It logs which limit was
-hit, sets ``fleetprobe_prober_saturated``, and the report counts every saturated second.
+nothing), and looks at the observers' bounded queues and at the prober's blind spans
+(:mod:`fleetprobe.core.blind_spans`); a second whose emission lag p99 is over the limit,
+in which a queue overflowed, or that a blind span touched, is saturated. It logs which
+limit was hit, sets ``fleetprobe_prober_saturated``, and the report counts every
+saturated second.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from fleetprobe.core.blind_spans import BACKLOG, STALL, BlindSpan
 from fleetprobe.core.events import RunEvents
 from fleetprobe.core.queues import QueueState
 from fleetprobe.exporters.stats import format_ms
@@ -74,6 +77,7 @@ class SaturationWatch(RunEvents):
         self._recent_lags: list[float] = []  # since the last check: for the message
         self._seconds: dict[int, list[int]] = {}  # second due -> [signals, over the limit]
         self._saturated_seconds: set[int] = set()
+        self._lagging_seconds: set[int] = set()  # those over the emission lag limit
         self._queues = queues
         self._overflowed: dict[str, int] = {}
         self._saturated_since_s: float | None = None
@@ -81,6 +85,8 @@ class SaturationWatch(RunEvents):
         self._last_warning_s = -math.inf
         self.worst_lag_p99_s: float | None = None
         self.limits_hit: set[str] = set()
+        self._new_spans: list[BlindSpan] = []  # since the last check
+        self._blind = {cause: {"spans": 0, "seconds": 0.0} for cause in (STALL, BACKLOG)}
         self._scenario = scenario
         self._gauge = Gauge(
             "fleetprobe_prober_saturated",
@@ -106,6 +112,17 @@ class SaturationWatch(RunEvents):
         if lag_s > LAG_LIMIT_S:
             counts[1] += 1
 
+    def blind_span(self, span: BlindSpan) -> None:
+        """The prober was blind during ``span``: every second it touched is saturated."""
+        self._new_spans.append(span)
+        totals = self._blind[span.cause]
+        totals["spans"] += 1
+        totals["seconds"] = round(totals["seconds"] + (span.end_ns - span.start_ns) / 1e9, 3)
+        self.limits_hit.add("loop_stall" if span.cause == STALL else "receive_backlog")
+        if self._start_ns is not None:
+            first, last = ((t - self._start_ns) // 1_000_000_000 for t in span[:2])
+            self._saturated_seconds.update(range(max(0, first), max(0, last) + 1))
+
     @property
     def windows_saturated(self) -> int:
         """Seconds of the run in which the prober was the limit."""
@@ -114,7 +131,11 @@ class SaturationWatch(RunEvents):
     def check(self, now_s: float, window_s: float) -> None:
         """Judge what happened since the last check (``now_s`` since emission began; the
         last check was about ``window_s`` ago, or longer when the loop was held up)."""
-        problems = [*self._lag_problem(now_s), *self._queue_problems(now_s, window_s)]
+        problems = [
+            *self._lag_problem(now_s),
+            *self._queue_problems(now_s, window_s),
+            *self._blind_problem(),
+        ]
         self._gauge.set(1 if problems else 0)
         if problems:
             self._clean_windows = 0
@@ -146,13 +167,13 @@ class SaturationWatch(RunEvents):
         newly = sorted(
             second
             for second, (signals, late) in self._seconds.items()
-            if late * 100 > signals and second not in self._saturated_seconds
+            if late * 100 > signals and second not in self._lagging_seconds
         )
-        due = sum(self._seconds[second][0] for second in newly)
         for second in [s for s in self._seconds if s < now_s - KEEP_SECONDS]:
             del self._seconds[second]
         if not newly:
             return []
+        self._lagging_seconds.update(newly)
         self._saturated_seconds.update(newly)
         ordered = sorted(lags)
         p99 = ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)] if ordered else 0.0
@@ -162,7 +183,19 @@ class SaturationWatch(RunEvents):
         span = f"second {newly[0]}" if len(newly) == 1 else f"{len(newly)} seconds"
         return [
             f"emission lag p99 {format_ms(p99)} in {span} of the run "
-            f"(limit {format_ms(LAG_LIMIT_S)}) at {due / len(newly):,.0f} signals/s"
+            f"(limit {format_ms(LAG_LIMIT_S)})"
+        ]
+
+    def _blind_problem(self) -> list[str]:
+        spans, self._new_spans = self._new_spans, []
+        if not spans:
+            return []
+        stalls = [s for s in spans if s.cause == STALL]
+        longest_s = max(s.end_ns - s.start_ns for s in spans) / 1e9
+        return [
+            f"it was blind {len(spans)} times (loop stalled {len(stalls)}, fell behind its "
+            f"reads {len(spans) - len(stalls)}; longest {format_ms(longest_s)}): what "
+            "it could not see then is inconclusive, not failed"
         ]
 
     def _queue_problems(self, now_s: float, window_s: float) -> list[str]:
@@ -189,6 +222,7 @@ class SaturationWatch(RunEvents):
             "windows_saturated": self.windows_saturated,
             "worst_lag_p99_s": self.worst_lag_p99_s,
             "queue_overflowed": dict(self._overflowed),
+            "blind": self._blind,
         }
 
     def summary_lines(self) -> list[str]:
@@ -209,13 +243,18 @@ def merge_reports(reports: list[Mapping[str, Any]]) -> dict[str, Any]:
     limits = sorted({limit for r in reports for limit in r["limits_hit"]})
     lags = [r["worst_lag_p99_s"] for r in reports if r["worst_lag_p99_s"] is not None]
     overflowed: dict[str, int] = {}
+    blind = {cause: {"spans": 0, "seconds": 0.0} for cause in (STALL, BACKLOG)}
     for r in reports:
         for name, count in r["queue_overflowed"].items():
             overflowed[name] = overflowed.get(name, 0) + count
+        for cause, totals in r["blind"].items():
+            blind[cause]["spans"] += totals["spans"]
+            blind[cause]["seconds"] = round(blind[cause]["seconds"] + totals["seconds"], 3)
     return {
         "saturated": bool(limits),
         "limits_hit": limits,
         "windows_saturated": max((r["windows_saturated"] for r in reports), default=0),
         "worst_lag_p99_s": max(lags, default=None),
         "queue_overflowed": overflowed,
+        "blind": blind,
     }

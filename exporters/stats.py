@@ -3,6 +3,7 @@ uniform sample on long runs."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from array import array
@@ -83,6 +84,21 @@ class Samples:
         if not ordered:
             return None
         return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+    def quantile_with(self, q: float, count: int, value: float) -> float | None:
+        """The quantile had ``count`` more values of ``value`` been recorded (bounds of a
+        quantile when ``count`` values are unknown: at their least and their most)."""
+        ordered = self._ordered()
+        if ordered and not self.exact:  # a sample: the extra values in the sample's scale
+            count = round(count * len(ordered) / self._count)
+        total = len(ordered) + count
+        if not total:
+            return None
+        rank = max(0, math.ceil(q * total) - 1)
+        below = bisect.bisect_left(ordered, value)
+        if rank < below:
+            return ordered[rank]
+        return value if rank < below + count else ordered[rank - count]
 
     def summary(self, ndigits: int = 6) -> dict[str, float | None]:
         """p50, p90, p95, p99 and max, rounded."""

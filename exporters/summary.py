@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleetprobe.exporters.results import ResultBook
+from fleetprobe.exporters.results import ChainBook, ResultBook
 from fleetprobe.exporters.saturation import LAG_LIMIT_S
 from fleetprobe.exporters.stats import Samples, format_ms
 
@@ -43,6 +43,7 @@ def render_summary(book: ResultBook, scenario: str) -> str:
             f"ok {ok} ({ratio}), failed {chain.verdicts['failed']}"
             + (f", aborted {chain.verdicts['aborted']}" if chain.verdicts["aborted"] else "")
             + (f", unsent {chain.unsent}" if chain.unsent else "")
+            + _unjudged(chain)
             + f", latency p50 {_ms_of(chain.latency, 0.5)} p99 {_ms_of(chain.latency, 0.99)}"
         )
         if chain.failed_at:
@@ -57,6 +58,8 @@ def render_summary(book: ResultBook, scenario: str) -> str:
                 f"{_ms_of(hop.latency, 0.99):>10}{_ms_of(hop.step, 0.5):>10}"
             )
             extras = []
+            if r["inconclusive"]:
+                extras.append(f"inconclusive {r['inconclusive']}")
             if hop.duplicates:
                 extras.append(f"duplicates {hop.duplicates}")
             if hop.unmatched:
@@ -70,6 +73,17 @@ def render_summary(book: ResultBook, scenario: str) -> str:
             if extras:
                 lines.append(f"      {'; '.join(extras)}")
     return "\n".join(lines)
+
+
+def _unjudged(chain: ChainBook) -> str:
+    """What the prober could not judge, when it could not keep up."""
+    parts = []
+    if chain.verdicts["inconclusive"]:
+        parts.append(f", inconclusive {chain.verdicts['inconclusive']}")
+    shed = sum(chain.not_followed.values())
+    if shed:
+        parts.append(f", not followed {shed} (the prober could not keep up)")
+    return "".join(parts)
 
 
 def _ms_of(samples: Samples, q: float) -> str:

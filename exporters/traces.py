@@ -21,7 +21,8 @@ def trace_line(followed: FollowedSignal, chain: ChainSpec, run_id: str) -> dict[
     """The trace log entry of one followed signal.
 
     A hop's ``result`` is its counted result, as in every other output; a hop counted
-    ``skipped`` keeps what it saw itself in ``own_result``.
+    ``skipped`` keeps what it saw itself in ``own_result``; a hop read while the prober
+    was blind says so (``prober_blind``: its latency is at most what it shows).
     """
     hops: dict[str, Any] = {}
     for h, spec in enumerate(chain.hops):
@@ -33,6 +34,8 @@ def trace_line(followed: FollowedSignal, chain: ChainSpec, run_id: str) -> dict[
         latency, step = followed.latency_s(h), followed.step_s(h)
         if latency is not None:
             entry["latency_s"] = round(latency, 7)
+            if not followed.latency_known(h):
+                entry["prober_blind"] = True  # read late: the latency is at most this
         if step is not None:
             entry["step_s"] = round(step, 7)
         if followed.duplicates and h in followed.duplicates:

@@ -198,18 +198,21 @@ def assert_every_signal_accounted(
     scenario: dict[str, Any], report: dict[str, Any], traces: Path
 ) -> None:
     """The accounting invariant: every signal sent has exactly one verdict in each chain
-    that follows it, and each verdict one line in the trace log."""
+    that follows it (or is counted as not followed), and each verdict one line in the
+    trace log."""
     lines = [json.loads(line) for line in traces.read_text().splitlines()]
     for chain in scenario["chains"]:
         assert chain.get("sample", 1.0) == 1.0, "the invariant is stated for whole chains"
         judged = report["chains"][chain["name"]]
-        assert judged["followed"] == report["signals"][chain["signal"]]["sent"], chain["name"]
+        not_followed = sum(judged["not_followed"].values())
+        sent = report["signals"][chain["signal"]]["sent"]
+        assert judged["followed"] + not_followed == sent, chain["name"]
         assert judged["followed"] == sum(v for k, v in judged.items() if k in VERDICTS)
         assert judged["followed"] == sum(1 for line in lines if line["chain"] == chain["name"])
     assert len({(line["chain"], line["trace_id"]) for line in lines}) == len(lines)
 
 
-VERDICTS = ("ok", "failed", "aborted")
+VERDICTS = ("ok", "failed", "aborted", "inconclusive")
 
 
 def read_traces(tmp_path: Path) -> list[dict[str, Any]]:

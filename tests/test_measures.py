@@ -90,7 +90,7 @@ def test_the_objective_and_the_recording_rule_compute_one_success_ratio(
     objective = ObjectiveConfig.model_validate({"chain": "telemetry", "success_ratio": 0.99})
     (judged,) = evaluate([objective], book_with(ok, failed, unsent))
     assert judged.measured == 0.85
-    series = "fleetprobe_chain_results_total{scenario=\"s\",chain=\"telemetry\",result=\"%s\"}"
+    series = 'fleetprobe_chain_results_total{scenario="s",chain="telemetry",result="%s"}'
     tests = {
         "rule_files": [str(RULES)],
         "evaluation_interval": "1m",

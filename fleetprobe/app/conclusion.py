@@ -72,7 +72,8 @@ def conclude(
     result.outcomes = evaluate(scenario.slo, record.book)
     judged: list[JudgedObjective] = [*result.outcomes, *result.expectations]
     if result.exit_code == ExitCode.OK and not all(o.ok for o in judged):
-        result.exit_code = ExitCode.OBJECTIVE_FAILED
+        failed = any(not o.ok and not o.inconclusive for o in judged)
+        result.exit_code = ExitCode.OBJECTIVE_FAILED if failed else ExitCode.INCONCLUSIVE
     result.report = build_report(
         record.book,
         scenario=scenario.name,
@@ -99,8 +100,12 @@ def conclude(
         for line in [*summary_lines(record.prober), *notes]:
             print(line, file=out)
         for outcome in judged:
-            print(("  ok    " if outcome.ok else "  FAIL  ") + outcome.explanation, file=out)
+            print(f"  {_verdict_word(outcome):<6}{outcome.explanation}", file=out)
     return result
+
+
+def _verdict_word(outcome: JudgedObjective) -> str:
+    return "ok" if outcome.ok else "?" if outcome.inconclusive else "FAIL"
 
 
 def _write_reports(

@@ -79,6 +79,7 @@ class ExpectedOutcome:
     detail: str
     signals: int | None = None
     """How many signals the measure was taken on."""
+    inconclusive = False  # judged on the signals the prober could judge
 
     @property
     def title(self) -> str:
