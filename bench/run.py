@@ -9,6 +9,9 @@ Everything runs against one Mosquitto that this script starts on loopback (with
 * ``follow``: ``fleetprobe run`` at a ladder of rates, through 1 and through 3 MQTT hops,
   until emission lag (p99 > 10 ms) or loss shows saturation (the better of two runs);
 * ``lag``: emission lag p50/p99 at 25%, 50% and 90% of the 1-hop saturation rate.
+* ``overload``: runs at 1.5x and 2x the 1-hop saturation rate against a healthy broker,
+  with an objective: the share followed, inconclusive and not followed, the signals
+  failed (the prober must blame none) and the exit code (4).
 * ``floor``: the broker hop's latency p50/p99/p99.9 as fleetprobe measures it at
   1,000 signals/s and at half its saturation rate, beside the round trip of bare clients
   (fleetprobe's session and aiomqtt) at 1,000/s.
@@ -511,6 +514,35 @@ async def bench_lag(
     return results
 
 
+async def bench_overload(
+    broker: MosquittoProcess, settings: Settings, workdir: Path, saturation: int
+) -> dict[str, Any]:
+    """Runs at 1.5x and 2x the sustainable rate against a healthy broker, each with an
+    objective of 0.99: how much the prober followed, how much it could not judge, and
+    whether it blamed any hop (it must not)."""
+    results: dict[str, Any] = {}
+    for factor in (1.5, 2.0):
+        rate = int(saturation * factor)
+        spec = scenario(broker.url, rate, 1, settings.run_s)
+        spec["slo"] = [{"chain": "telemetry", "success_ratio": 0.99}]
+        run_dir = workdir / f"overload-{rate}"
+        await run_fleetprobe(spec, run_dir)
+        report = json.loads((run_dir / "report.json").read_text())
+        chain = report["chains"]["telemetry"]
+        sent = report["signals"]["telemetry"]["sent"]
+        results[f"{factor:g}x ({rate:,}/s)"] = {
+            "sent": sent,
+            "followed": chain["followed"] / sent,
+            "inconclusive": chain["inconclusive"] / sent,
+            "not_followed": sum(chain["not_followed"].values()) / sent,
+            "failed": chain["failed"],
+            "exit_code": report["exit_code"],
+            "blind_s": sum(b["seconds"] for b in report["prober"]["blind"].values()),
+            "windows_saturated": report["prober"]["windows_saturated"],
+        }
+    return results
+
+
 # --------------------------------------------------------------------------
 # memory and scrape cost (in-process, no broker)
 # --------------------------------------------------------------------------
@@ -810,6 +842,10 @@ async def measure(settings: Settings, only: set[str], workdir: Path) -> dict[str
             results["floor"] = await bench_floor(broker, settings, workdir, saturation)
         if "lag" in only and saturation:
             results["lag"] = await bench_lag(broker, settings, workdir, saturation)
+        if "overload" in only:
+            results["overload"] = await bench_overload(
+                broker, settings, workdir, saturation or SUSTAINABLE_RATE
+            )
         if "sessions" in only:
             results["sessions"] = await bench_sessions(broker, settings, workdir)
     if "memory" in only:
@@ -877,6 +913,24 @@ def render(results: dict[str, Any]) -> str:
                 [[k, v["p50_ms"], v["p99_ms"]] for k, v in results["lag"].items()],
             )
         )
+    if "overload" in results:
+        out.append(
+            table(
+                "\noverload: a healthy broker, objective success_ratio >= 0.99",
+                ["rate", "followed", "inconclusive", "not followed", "failed", "exit"],
+                [
+                    [
+                        k,
+                        f"{v['followed']:.1%}",
+                        f"{v['inconclusive']:.1%}",
+                        f"{v['not_followed']:.1%}",
+                        v["failed"],
+                        v["exit_code"],
+                    ]
+                    for k, v in results["overload"].items()
+                ],
+            )
+        )
     if "sessions" in results:
         s = results["sessions"]
         out.append(
@@ -933,7 +987,21 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-SECTIONS = ("clients", "follow", "workers", "floor", "lag", "sessions", "memory", "scrape", "http")
+SECTIONS = (
+    "clients",
+    "follow",
+    "workers",
+    "floor",
+    "lag",
+    "overload",
+    "sessions",
+    "memory",
+    "scrape",
+    "http",
+)
+SUSTAINABLE_RATE = 10_000
+"""One process's sustainable rate through one hop (BENCHMARKS.md), when ``follow`` is not
+measured in the same run."""
 
 
 def main() -> None:

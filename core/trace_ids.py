@@ -33,6 +33,7 @@ def check_run_id(text: str) -> str:
         )
     return text
 
+
 _INVALID_TRACE_ID = "0" * 32
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")

@@ -27,7 +27,6 @@ LATE = "late"
 TOO_LARGE = "too_large"  # a message over transport.mqtt.MAX_MESSAGE_BYTES, not kept
 
 
-
 def lookup(body: Any, steps: JsonPath) -> Any:
     """The value at ``steps`` inside a parsed JSON body, or :data:`MISSING`."""
     node = body
