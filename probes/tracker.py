@@ -51,16 +51,19 @@ class Tracker:
         capacity: int = CAPACITY,
         counts_anonymous: bool = True,
         blind: BlindSpans | None = None,
+        made_here: Callable[[str], bool] | None = None,
     ) -> None:
         """``owns(trace_id)`` says whether an id nobody follows is this tracker's to count
         as unmatched; under sharding, other shards' ids are not (default: all are).
         ``counts_anonymous``: whether messages without a readable id are this tracker's to
         count (every shard sees them; one shard counts them). ``capacity`` bounds the
         signals in flight (see :attr:`full`). ``blind``: when the prober could not see
-        (None: it always could)."""
+        (None: it always could). ``made_here(trace_id)``: whether an id is one this run
+        made, so that a sighting of it after it was forgotten is late, not unknown."""
         self.chains = tuple(chains)
         self.capacity = capacity
         self._blind = blind
+        self._made_here = made_here
         self._counts_anonymous = counts_anonymous
         self._events = events
         self._owns = owns
@@ -345,7 +348,9 @@ class Tracker:
             return
         if trace_id in self._shed[chain_index]:
             return
-        late = trace_id in self._retired[chain_index]
+        late = trace_id in self._retired[chain_index] or (
+            self._made_here is not None and self._made_here(trace_id)
+        )
         self._events.unmatched(chain_index, hop_index, LATE if late else UNKNOWN_TRACE_ID)
 
 

@@ -129,15 +129,27 @@ def shard_of_trace_id(trace_id: str, shards: int) -> int:
     return int(trace_id[:16], 16) % shards
 
 
+def run_tag(seed: int, run_id: str) -> str:
+    """The 16 bits every trace id of a run carries after the VIN's hash (4 hex digits)."""
+    return hashlib.blake2b(f"{seed}/{run_id}".encode(), digest_size=2).hexdigest()
+
+
+def made_by_run(trace_id: str, tag: str) -> bool:
+    """Whether ``trace_id`` carries the run's tag: one of its own signals, however late
+    (another run's id carries it by chance once in 65,536)."""
+    return trace_id[16:20] == tag
+
+
 def trace_ids_for(seed: int, run_id: str, vin: str, signal: str, seq: int) -> tuple[str, str]:
     """A W3C trace-id and span-id, derived from the signal's identity (deterministic).
 
-    The trace id's first 64 bits are the VIN's hash (:func:`shard_of_trace_id`), the rest
-    and the span id depend on the seed, the run id, the signal and its sequence number.
+    The trace id's first 64 bits are the VIN's hash (:func:`shard_of_trace_id`), the next
+    16 the run's tag (:func:`run_tag`); the rest and the span id depend on the seed, the
+    run id, the signal and its sequence number.
     """
     identity = f"{seed}/{run_id}/{vin}/{signal}/{seq}"
     digest = hashlib.blake2b(identity.encode(), digest_size=16).hexdigest()
-    return f"{vin_hash(vin):016x}{digest[:16]}", digest[16:]
+    return f"{vin_hash(vin):016x}{run_tag(seed, run_id)}{digest[:12]}", digest[16:]
 
 
 class Vehicle:

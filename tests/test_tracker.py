@@ -479,3 +479,23 @@ def test_a_failed_send_after_a_sighting_keeps_the_verdict() -> None:
     assert tracker.forget(0, tid(1)) is False
     tracker.expire(T0 + 2 * S)
     assert rec.verdicts == [s] and rec.retired_signals == [s]
+
+
+def test_a_sighting_of_our_own_id_long_after_its_verdict_is_late_not_unknown() -> None:
+    """Retired ids are remembered for two chain deadlines; a message of this run later than
+    that is still recognised as its own (by the run's tag in the id) and counted late."""
+    from fleetprobe.simulator.fleet import made_by_run, run_tag, trace_ids_for
+
+    tag = run_tag(7, "run-a")
+    ours, _ = trace_ids_for(7, "run-a", "WBA00000000000001", "telemetry", 1)
+    theirs, _ = trace_ids_for(7, "run-b", "WBA00000000000001", "telemetry", 1)
+    assert made_by_run(ours, tag) and not made_by_run(theirs, tag)
+    chain = ChainSpec("c", "telemetry", (HopSpec("broker", 1.0),))
+    rec = Recorder()
+    tracker = Tracker([chain], rec, made_here=lambda t: made_by_run(t, tag))
+    follow(tracker, ours)
+    tracker.expire(T0 + 1 * S)
+    tracker.expire(T0 + 60 * S)  # long forgotten
+    tracker.observe(0, 0, ours, T0 + 60 * S)
+    tracker.observe(0, 0, theirs, T0 + 60 * S)
+    assert rec.unmatched_marks == [(0, 0, LATE), (0, 0, UNKNOWN_TRACE_ID)]

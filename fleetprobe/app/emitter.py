@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from fleetprobe.core.blind_spans import BlindSpans
+from fleetprobe.core.blind_spans import TOLERANCE_NS, BlindSpans
 from fleetprobe.core.events import RunEvents
 from fleetprobe.core.queues import QueueState
 from fleetprobe.core.results import SATURATED
@@ -30,9 +31,10 @@ SHED_LAG_NS = 100_000_000
 sends the others without following them, until it has caught up: it then spends little
 on them but the send."""
 FOLLOW_ONE_IN = 16
-READ_FIRST_S = 1.0
+READ_FIRST_S = TOLERANCE_NS / 1e9
 """The longest the fleet waits for the observers to read what reached them (what they
-do not read, the platform may drop, and what they read late is stamped late)."""
+do not read, the platform may drop, and what they read late is stamped late); an
+observer behind for longer than that is falling behind, and the prober sheds instead."""
 
 
 class Emitter:
@@ -110,10 +112,11 @@ class Emitter:
         faults = self._faults
         if faults.any_active and not held and faults.hold(emission, intended_ns):
             return
-        if self._blind is not None and self._blind.behind:
+        blind = self._blind
+        if blind is not None and blind.behind and not blind.falling_behind(time.monotonic_ns()):
             with contextlib.suppress(TimeoutError):  # still behind: then it sheds (below)
                 async with asyncio.timeout(READ_FIRST_S):
-                    await self._blind.caught_up()
+                    await blind.caught_up()
         if not self._publisher.ready(emission.vin):
             given_up = self._publisher.given_up(emission.vin)
             if given_up is not None:

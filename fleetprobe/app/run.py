@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TextIO
 
 import simpy
@@ -50,7 +51,13 @@ from fleetprobe.probes.observers import Observer, ObserverContext, ObserverSetup
 from fleetprobe.probes.tracker import CAPACITY as TRACKER_CAPACITY
 from fleetprobe.probes.tracker import Tracker, sweep_deadlines
 from fleetprobe.simulator.clock import FleetClock
-from fleetprobe.simulator.fleet import Vehicle, build_fleet, shard_of_trace_id
+from fleetprobe.simulator.fleet import (
+    Vehicle,
+    build_fleet,
+    made_by_run,
+    run_tag,
+    shard_of_trace_id,
+)
 from fleetprobe.simulator.publisher import MqttPublisher
 from fleetprobe.transport.errors import ConnectError, TransportError
 from fleetprobe.transport.http import HttpClient
@@ -148,6 +155,7 @@ class _Run:
             options.tracker_capacity,
             counts_anonymous=options.shard[0] == 0,  # shard 0 counts what carries no id
             blind=self.blind,
+            made_here=partial(made_by_run, tag=run_tag(scenario.seed, self.run_id)),
         )
         self.metrics.track_inflight(self.tracker.inflight)
         self.alerts: AlertSender | None = None
