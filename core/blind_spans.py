@@ -111,9 +111,13 @@ class BlindSpans:
             self._caught_up.clear()
             await self._caught_up.wait()
 
+    def behind_for_ns(self, now_ns: int) -> int:
+        """How long the source longest behind has been so by now (0: none is)."""
+        return max((now_ns - since for since in self._open.values()), default=0)
+
     def falling_behind(self, now_ns: int) -> bool:
         """Whether some source has been behind for longer than the tolerance by now."""
-        return any(now_ns - since >= TOLERANCE_NS for since in self._open.values())
+        return self.behind_for_ns(now_ns) >= TOLERANCE_NS
 
     def earliest_arrival(self, seen_ns: int) -> int | None:
         """When something read at ``seen_ns`` may have arrived at the earliest: the start

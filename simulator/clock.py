@@ -25,7 +25,7 @@ from fleetprobe.simulator.fleet import Emission
 
 EmissionHandler = Callable[[Emission, int], Awaitable[None]]
 
-SLICE_NS = 2_000_000
+SLICE_NS = 5_000_000
 """The longest the clock works before it lets the loop run (reads, deadlines)."""
 STEP_BATCH = 256
 """Emissions stepped out of the model at most before they are handed over."""
