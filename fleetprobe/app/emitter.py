@@ -53,11 +53,10 @@ class Emitter:
     The prober protects its measurements before its schedule: once an observer has had
     bytes waiting in its socket for ``READ_FIRST_AFTER_NS``, the fleet waits (a late send
     is only emission lag; a late read would be a wrong latency, and unread bytes a broker
-    may drop). When it cannot keep
-    its schedule for want of CPU (emission lag over ``SHED_LAG_NS`` while its loop is
-    busy, or an observer behind for longer than the blind-span tolerance), it follows one
-    signal in ``FOLLOW_ONE_IN`` and sends the others without following them
-    (``not_followed``, reason ``saturated``).
+    may drop). When it cannot keep its schedule for want of CPU (emission lag over
+    ``SHED_LAG_NS`` while its loop is busy, or an observer behind for longer than the
+    blind-span tolerance), it follows one signal in ``FOLLOW_ONE_IN`` and sends the others
+    without following them (``not_followed``, reason ``saturated``).
     """
 
     def __init__(
