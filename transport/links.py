@@ -62,6 +62,10 @@ class LinkStats:
     reconnects: int = 0
     gave_up: int = 0  # sessions not reconnected (duplicate client id, refused credentials)
     unacknowledged: int = 0  # QoS 1/2 publishes the broker did not acknowledge in time
+    protocol_errors: int = 0  # publishes the broker answered out of protocol
+    resumed: int = 0  # reconnects that found their persistent session kept by the broker
+    resent: int = 0  # unfinished publishes sent again on resuming (DUP) or PUBRELs again
+    broker: dict[str, object] | None = None  # what the broker announced (its CONNACK)
     outages: list[Outage] = field(default_factory=list)
 
     def up(self) -> None:
@@ -69,9 +73,12 @@ class LinkStats:
         self.connected += 1
         self._end_outage_when_whole()
 
-    def reconnected(self) -> None:
-        """A lost session connected again."""
+    def reconnected(self, *, resumed: bool = False, resent: int = 0) -> None:
+        """A lost session connected again (``resumed``: the broker had kept its session,
+        and ``resent`` unfinished flows went out again)."""
         self.reconnects += 1
+        self.resumed += resumed
+        self.resent += resent
         self.up()
 
     def lost(self) -> None:
@@ -100,6 +107,10 @@ class LinkStats:
             "reconnects": self.reconnects,
             "given_up": self.gave_up,
             "unacknowledged": self.unacknowledged,
+            "protocol_errors": self.protocol_errors,
+            "resumed": self.resumed,
+            "resent": self.resent,
+            "broker": self.broker,
             "outages": [o.as_dict(iso) for o in self.outages],
         }
 
@@ -110,8 +121,18 @@ def merge_link_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for report in reports:
         for role, part in report.items():
-            counts = ("sessions", "reconnects", "given_up", "unacknowledged")
-            mine = merged.setdefault(role, {**dict.fromkeys(counts, 0), "outages": []})
+            counts = (
+                "sessions",
+                "reconnects",
+                "given_up",
+                "unacknowledged",
+                "protocol_errors",
+                "resumed",
+                "resent",
+            )
+            mine = merged.setdefault(
+                role, {**dict.fromkeys(counts, 0), "broker": part["broker"], "outages": []}
+            )
             for count in counts:
                 mine[count] += part[count]
             mine["outages"].extend(part["outages"])

@@ -27,17 +27,26 @@ import ssl
 import termios
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
 from urllib.parse import urlsplit
 
 from fleetprobe.transport.errors import ConnectError, NotAuthorizedError, SendError
+from fleetprobe.transport.mqtt_broker_info import (
+    CONNACK_5,
+    CONNACK_311,
+    DISCONNECT_NAMES,
+    NOT_AUTHORIZED_CODES,
+    BrokerCapabilities,
+    describe,
+)
 from fleetprobe.transport.mqtt_codec import (
     MQTT_5,
     MQTT_311,
     Ack,
+    Auth,
     Connack,
     Connect,
     Disconnect,
@@ -56,36 +65,46 @@ from fleetprobe.transport.mqtt_codec import (
     decode_server_packet,
     encode_ack,
     encode_connect,
+    encode_disconnect,
     encode_pingreq,
     encode_subscribe,
     encode_varint,
-    get_int_property,
 )
+from fleetprobe.transport.mqtt_session_state import Outbound, SessionState
 
 log = logging.getLogger(__name__)
 
 UNACKNOWLEDGED = "unacknowledged"
 """The send error of a QoS 1/2 publish the broker did not acknowledge in time."""
+QOS_NOT_SUPPORTED = "qos_not_supported"
+"""The send error of a publish above the broker's Maximum QoS (without ``downgrade_qos``)."""
 
 ProtocolName = Literal["5", "3.1.1"]
 
-# CONNACK codes that mean "wrong credentials": retrying cannot help.
-_NOT_AUTHORIZED_CODES = {4, 5, 134, 135}
 _MAX_PACKET_SIZE = 268_435_460  # the protocol's own limit: a 4-byte remaining length
 MAX_MESSAGE_BYTES = 1 << 20
 """Received messages larger than this are not kept (see ``InboundMessage.cut_from``)."""
 _INBOUND_BYTES = 256 << 20  # what received messages waiting for the application may hold
 _MAX_TOPIC_BYTES = 65_535
-# MQTT 3.1.1 has no Receive Maximum: keep to Mosquitto's default in-flight window (paho's
-# too), past which a broker may drop incoming QoS 2 messages.
-_DEFAULT_RECEIVE_MAXIMUM = 20
+DEFAULT_INFLIGHT_311 = 20
+"""MQTT 3.1.1 brokers announce no in-flight window: keep to Mosquitto's default (paho's
+too), past which Mosquitto drops incoming QoS 2 messages it has already acknowledged."""
+_RECEIVE_MAXIMUM_5 = 65_535  # MQTT 5's default when the broker announces none
 _SESSION_TAKEN_OVER = 0x8E
-_BATCH_BYTES = 0  # at ~250 bytes a signal, a burst waits at most ~4 signals' rendering
+_DISCONNECT_NORMAL = b"\xe0\x00"  # both protocols
 
 
 @dataclass(frozen=True)
 class BrokerTarget:
-    """Where and how to connect. ``password`` never appears in ``repr`` or messages."""
+    """Where and how to connect. ``password`` never appears in ``repr`` or messages.
+
+    ``session_expiry_s``: None for clean sessions; else sessions persist (clean start off
+    after the first connect) and the broker keeps them that long while disconnected.
+    ``inflight``: QoS 1/2 publishes one session may leave unacknowledged (default: the
+    broker's Receive Maximum in MQTT 5, ``DEFAULT_INFLIGHT_311`` in 3.1.1).
+    ``downgrade_qos``: publish above the broker's Maximum QoS at that maximum instead of
+    refusing.
+    """
 
     host: str
     port: int
@@ -96,6 +115,9 @@ class BrokerTarget:
     keepalive_s: int = 30
     connect_timeout_s: float = 5.0
     ack_timeout_s: float = 10.0  # how long a QoS 1/2 publish waits for its acknowledgement
+    session_expiry_s: int | None = None
+    inflight: int | None = None
+    downgrade_qos: bool = False
 
     @property
     def url(self) -> str:
@@ -162,13 +184,19 @@ class _Connection(asyncio.Protocol):
     """The bytes of one MQTT connection: frames in, packets out, flow control.
 
     Everything runs in ``data_received`` on the event loop, so an arrival is stamped
-    before any other work; received PUBLISH packets are acknowledged here as well.
+    before any other work; received PUBLISH packets are acknowledged here as well, and
+    acknowledgements advance the session's flows (:class:`SessionState`) here too.
     """
 
     def __init__(
-        self, level: int, inbound_limit: int, on_backlog: BacklogListener | None = None
+        self,
+        level: int,
+        state: SessionState,
+        inbound_limit: int,
+        on_backlog: BacklogListener | None = None,
     ) -> None:
         self.level = level
+        self.state = state
         self.transport: asyncio.Transport | None = None
         # A message is never buffered over MAX_MESSAGE_BYTES: a bounded read of the broker.
         self._decoder = FrameDecoder(_MAX_PACKET_SIZE, keep_at_most=MAX_MESSAGE_BYTES + 5)
@@ -176,19 +204,14 @@ class _Connection(asyncio.Protocol):
         self.connack: asyncio.Future[Connack] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self.close_reason = "connection lost"
-        self.taken_over = False  # the broker said another client took the client id
-        self.acks: dict[int, asyncio.Future[Ack]] = {}
-        self.subacks: dict[int, asyncio.Future[Suback]] = {}
+        self.disconnect_code: int | None = None  # the reason of the broker's DISCONNECT
+        self.aborted = False  # closed by us, for a reason of the broker's (close_reason)
         self.inbound: deque[InboundMessage] = deque()
         self.inbound_limit = inbound_limit
         self.inbound_bytes = 0
         self.inbound_dropped = 0
         self.inbound_waiter: asyncio.Future[None] | None = None
-        self._qos2_received: set[int] = set()
         self._writable: asyncio.Future[None] | None = None
-        self._batching = False
-        self._batch: list[bytes] = []
-        self._batch_bytes = 0
         self.last_write_ns = self.last_read_ns = time.monotonic_ns()
         self._on_backlog = on_backlog
         self._fd = -1  # the socket, when its backlog is watched
@@ -265,14 +288,13 @@ class _Connection(asyncio.Protocol):
         if self._backlog_since is not None and self._on_backlog is not None:
             self._on_backlog(self._backlog_since, time.monotonic_ns())  # nothing more to read
             self._backlog_since = None
-        lost = SendError(f"not sent: {self.close_reason}", reason="disconnected")
-        waiting: list[asyncio.Future[Ack]] | list[asyncio.Future[Suback]]
-        for waiting in (list(self.acks.values()), list(self.subacks.values())):
-            for future in waiting:
-                if not future.done():
-                    future.set_exception(lost)
+        self.state.connection_lost(
+            SendError(f"not sent: {self.close_reason}", reason="disconnected")
+        )
         if not self.connack.done():
-            self.connack.set_exception(ConnectionResetError(self.close_reason))
+            # Our own abort (the broker broke the protocol) is not the broker hanging up.
+            lost = ConnectionAbortedError if self.aborted else ConnectionResetError
+            self.connack.set_exception(lost(self.close_reason))
         if not self.closed.done():
             self.closed.set_result(None)
         self._wake_reader()
@@ -290,38 +312,16 @@ class _Connection(asyncio.Protocol):
     # Sending
 
     def write(self, data: bytes) -> None:
-        """Send bytes: at once when nothing else went out in this turn of the event loop,
-        else gathered into one write at the end of the turn (or at ``_BATCH_BYTES``).
+        """Hand bytes to the socket now (asyncio buffers what the kernel cannot take yet).
 
-        A burst of publishes then costs one system call per batch instead of one each
-        (~15 µs on loopback), while a lone message still leaves without waiting.
+        Raises:
+            SendError: the connection is closing or gone.
         """
         transport = self.transport
         if transport is None or transport.is_closing():
             raise SendError(f"not sent: {self.close_reason}", reason="disconnected")
         self.last_write_ns = time.monotonic_ns()
-        if not self._batching:
-            self._batching = True
-            asyncio.get_running_loop().call_soon(self.flush)
-            transport.write(data)
-            return
-        self._batch.append(data)
-        self._batch_bytes += len(data)
-        if self._batch_bytes >= _BATCH_BYTES:
-            self._write_batch()
-
-    def flush(self) -> None:
-        """Write what the current turn gathered; the next write goes out at once again."""
-        self._write_batch()
-        self._batching = False
-
-    def _write_batch(self) -> None:
-        if self._batch:
-            data = b"".join(self._batch)
-            self._batch.clear()
-            self._batch_bytes = 0
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(data)
+        transport.write(data)
 
     async def writable(self) -> None:
         """Return once the send buffer is below its high-water mark again."""
@@ -331,6 +331,7 @@ class _Connection(asyncio.Protocol):
     def abort(self, reason: str) -> None:
         """Close at once (no DISCONNECT): the peer broke the protocol or went silent."""
         self.close_reason = reason
+        self.aborted = True
         if self.transport is not None:
             self.transport.abort()
 
@@ -378,9 +379,10 @@ class _Connection(asyncio.Protocol):
         if qos == 2:
             packet_id = packet_id or 0
             self.write(encode_ack(PacketType.PUBREC, packet_id, self.level))
-            if packet_id in self._qos2_received:
+            received = self.state.qos2_received
+            if packet_id in received:
                 return False  # a resend before our PUBREC arrived: delivered once already
-            self._qos2_received.add(packet_id)
+            received.add(packet_id)
         elif qos == 1:
             self.write(encode_ack(PacketType.PUBACK, packet_id or 0, self.level))
         return True
@@ -402,25 +404,33 @@ class _Connection(asyncio.Protocol):
     def _on_control(self, packet: object) -> None:
         if isinstance(packet, Ack):
             if packet.packet_type == PacketType.PUBREL:
-                self._qos2_received.discard(packet.packet_id)
+                self.state.qos2_received.discard(packet.packet_id)
                 self.write(encode_ack(PacketType.PUBCOMP, packet.packet_id, self.level))
                 return
-            future = self.acks.get(packet.packet_id)
-            if future is not None and not future.done():
-                future.set_result(packet)
+            self.state.on_ack(packet, self.write, self.level)
         elif isinstance(packet, Suback):
-            waiting = self.subacks.pop(packet.packet_id, None)
+            waiting = self.state.subacks.pop(packet.packet_id, None)
             if waiting is not None and not waiting.done():
                 waiting.set_result(packet)
         elif isinstance(packet, Connack):
             if not self.connack.done():
                 self.connack.set_result(packet)
         elif isinstance(packet, Disconnect):
-            self.taken_over = packet.reason_code == _SESSION_TAKEN_OVER
+            self.disconnect_code = packet.reason_code
             self.close_reason = (
                 "session taken over by another client with the same client id"
                 if packet.reason_code == _SESSION_TAKEN_OVER
-                else f"the broker disconnected (reason 0x{packet.reason_code:02x})"
+                else "the broker disconnected ("
+                + describe(packet.reason_code, packet.properties, DISCONNECT_NAMES)
+                + ")"
+            )
+        elif isinstance(packet, Auth):
+            # Only a client that asked for enhanced authentication may get AUTH; this one
+            # never asks, so say what the broker wanted instead of a bare protocol error.
+            self.abort(
+                "the broker asked for enhanced authentication (AUTH, "
+                + describe(packet.reason_code, packet.properties, {0x18: "continue"})
+                + "), which fleetprobe does not offer"
             )
         # PINGRESP: its arrival already counts as a read (last_read_ns).
 
@@ -431,7 +441,11 @@ class _Connection(asyncio.Protocol):
 
 
 class MqttSession:
-    """One MQTT connection, used as an async context manager.
+    """One MQTT session over one connection at a time, used as an async context manager.
+
+    :meth:`reconnect` opens a new connection for the same session after a loss: with a
+    persistent session (``target.session_expiry_s``) the broker's state is resumed and
+    every unfinished flow sent again; otherwise it starts clean.
 
     Args:
         target: the broker.
@@ -457,18 +471,49 @@ class MqttSession:
         self._on_backlog = on_backlog
         self._level = MQTT_5 if target.protocol == "5" else MQTT_311
         self._connection: _Connection | None = None
+        self._state = SessionState(persistent=target.session_expiry_s is not None)
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._ping_sent_ns = 0
-        self._packet_ids = _PacketIds()
-        self._in_flight = asyncio.Semaphore(_DEFAULT_RECEIVE_MAXIMUM)
+        self._window = target.inflight or DEFAULT_INFLIGHT_311
+        self._in_flight = asyncio.Semaphore(self._window)
         self._max_packet_size = _MAX_PACKET_SIZE
         self._keepalive_s = target.keepalive_s
+        self._dropped_before = 0  # inbound_dropped of earlier connections
+        self.broker = BrokerCapabilities()
+        """What the broker announced in its last CONNACK."""
+        self.session_present = False
+        """Whether the last CONNACK resumed a session the broker kept."""
+        self.resent = 0
+        """Unfinished flows sent again after resuming the session, over its lifetime."""
 
     async def __aenter__(self) -> MqttSession:
+        if self._state.persistent:
+            # First wipe what an earlier run of this client id left (packet ids the broker
+            # still holds would swallow new publishes), then start the session with clean
+            # start off: Mosquitto 2.0 saves no session begun with clean start on, even
+            # an MQTT 5 one with a Session Expiry, so it would not survive a restart.
+            await self._open(clean_start=True, keep=False)
+            await self.disconnect(end_session=False)
+        await self._open(clean_start=not self._state.persistent)
+        return self
+
+    async def reconnect(self) -> None:
+        """Connect again after the connection was lost (or closed with ``end_session``
+        False); a persistent session resumes where the broker kept it.
+
+        Raises:
+            ConnectError: as when entering.
+        """
+        self._drop_connection()
+        await self._open(clean_start=not self._state.persistent)
+
+    async def _open(self, *, clean_start: bool, keep: bool = True) -> None:
+        """Connect; ``keep`` False asks for no Session Expiry (the session ends with the
+        connection)."""
         t = self.target
         try:
             async with asyncio.timeout(t.connect_timeout_s):
-                connack = await self._connect()
+                connack = await self._connect(clean_start, keep)
         except TimeoutError:
             self._drop_connection()
             raise ConnectError(t.url, "no answer in time", reason="timeout") from None
@@ -482,6 +527,15 @@ class MqttSession:
             raise
         except OSError as exc:
             self._drop_connection()
+            # RabbitMQ before 3.13 closes on an MQTT 5 CONNECT without a word.
+            if (
+                isinstance(exc, ConnectionResetError)
+                and self._level == MQTT_5
+                and await speaks_only_311(t, self.client_id)
+            ):
+                raise _only_311(
+                    t, "it closed the connection on an MQTT 5 CONNECT and answered a 3.1.1 one"
+                ) from None
             detail = _os_error_text(exc)
             if t.tls is not None and isinstance(exc, ConnectionResetError):
                 # TLS 1.3 finishes the handshake before the broker checks the client's
@@ -491,55 +545,70 @@ class MqttSession:
                     "was not given (target.mqtt.tls.cert and key) or not accepted"
                 )
             raise ConnectError(t.url, detail, reason=_os_reason(exc)) from None
+        if connack.answered_311:
+            self._drop_connection()
+            raise _only_311(t, "it answered an MQTT 5 CONNECT in MQTT 3.1.1")
         if connack.reason_code:
             self._drop_connection()
-            detail = _connack_text(connack.reason_code, self._level)
-            if connack.reason_code in _NOT_AUTHORIZED_CODES:
+            names = CONNACK_311 if self._level == MQTT_311 else CONNACK_5
+            detail = describe(connack.reason_code, connack.properties, names)
+            if connack.reason_code in NOT_AUTHORIZED_CODES:
                 raise NotAuthorizedError(
                     t.url, f"broker refused the credentials ({detail})", reason="not_authorized"
                 )
             raise ConnectError(t.url, f"broker refused the connection ({detail})", reason="refused")
         self._apply_connack(connack)
         self._schedule_keepalive()
-        return self
 
-    async def _connect(self) -> Connack:
+    async def _connect(self, clean_start: bool, keep: bool) -> Connack:
         t = self.target
         loop = asyncio.get_running_loop()
-        level, limit, on_backlog = self._level, self._inbound_limit, self._on_backlog
+        level, state = self._level, self._state
+        limit, on_backlog = self._inbound_limit, self._on_backlog
         _, connection = await loop.create_connection(
-            lambda: _Connection(level, limit, on_backlog),
+            lambda: _Connection(level, state, limit, on_backlog),
             t.host,
             t.port,
             ssl=t.tls,
             server_hostname=t.host if t.tls else None,
         )
         self._connection = connection
-        connection.write(
-            encode_connect(
-                Connect(
-                    protocol_level=level,
-                    clean_start=True,
-                    keepalive=t.keepalive_s,
-                    client_id=self.client_id,
-                    username=t.username,
-                    password=t.password.encode() if t.password is not None else None,
-                )
-            )
-        )
+        properties: Properties = []
+        if level == MQTT_5 and t.session_expiry_s and keep:
+            properties.append((PropertyId.SESSION_EXPIRY_INTERVAL, t.session_expiry_s))
+        connection.write(_connect_packet(t, self.client_id, level, clean_start, properties))
         return await connection.connack
 
     def _apply_connack(self, connack: Connack) -> None:
-        properties = connack.properties
-        receive_maximum = get_int_property(properties, PropertyId.RECEIVE_MAXIMUM)
-        if receive_maximum:
-            self._in_flight = asyncio.Semaphore(receive_maximum)
-        max_packet = get_int_property(properties, PropertyId.MAXIMUM_PACKET_SIZE)
-        if max_packet:
-            self._max_packet_size = max_packet
-        server_keepalive = get_int_property(properties, PropertyId.SERVER_KEEP_ALIVE)
-        if server_keepalive is not None:
-            self._keepalive_s = server_keepalive
+        connection = self._connection
+        assert connection is not None
+        self.broker = broker = BrokerCapabilities.from_connack(connack.properties, self._level)
+        if broker.assigned_client_id:
+            self.client_id = broker.assigned_client_id  # the session's name from now on
+        window = self.target.inflight or DEFAULT_INFLIGHT_311
+        if self._level == MQTT_5:
+            announced = broker.receive_maximum or _RECEIVE_MAXIMUM_5
+            window = min(self.target.inflight or announced, announced)
+        if window != self._window:
+            # Publishes holding a slot of the old window release it harmlessly.
+            self._window, self._in_flight = window, asyncio.Semaphore(window)
+        self._max_packet_size = broker.maximum_packet_size or _MAX_PACKET_SIZE
+        if broker.server_keep_alive is not None:
+            self._keepalive_s = broker.server_keep_alive
+        self.session_present = connack.session_present
+        state = self._state
+        if not state.persistent:
+            return
+        if connack.session_present:
+            self.resent += state.resume(connection.write, self._level)
+        elif state.outbound:
+            state.discard(
+                SendError(
+                    "not acknowledged: the broker came back without the session "
+                    "(restarted without persistence?)",
+                    reason="session_lost",
+                )
+            )
 
     async def __aexit__(
         self,
@@ -547,27 +616,48 @@ class MqttSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self.disconnect()
+
+    async def disconnect(self, *, end_session: bool = True) -> None:
+        """Say goodbye and close. ``end_session``: a persistent session ends too (MQTT 5:
+        Session Expiry 0 in the DISCONNECT; 3.1.1: a clean connect that discards it), so
+        the broker keeps nothing for a client that will not come back."""
         if self._keepalive_timer is not None:
             self._keepalive_timer.cancel()
             self._keepalive_timer = None
         connection, self._connection = self._connection, None
         if connection is None or connection.transport is None:
             return
+        self._dropped_before += connection.inbound_dropped
+        persistent = self._state.persistent
         if not connection.closed.done():
+            goodbye = _DISCONNECT_NORMAL
+            if persistent and end_session and self._level == MQTT_5:
+                goodbye = encode_disconnect(0, [(PropertyId.SESSION_EXPIRY_INTERVAL, 0)])
             with contextlib.suppress(SendError):
-                connection.write(b"\xe0\x00")  # DISCONNECT, normal (both protocols)
-                connection.flush()
+                connection.write(goodbye)
             connection.close_reason = "closed"
             connection.transport.close()
             # A broken connection cannot say goodbye; nothing is lost by not waiting for it.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     await connection.closed
+        if persistent and end_session:
+            self._state.discard(SendError("not sent: closed", reason="disconnected"))
+            if self._level == MQTT_311:
+                with contextlib.suppress(ConnectError, OSError):
+                    await self._open(clean_start=True, keep=False)
+                    await self.disconnect(end_session=False)
 
     def _drop_connection(self) -> None:
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
+            self._keepalive_timer = None
         connection, self._connection = self._connection, None
-        if connection is not None and connection.transport is not None:
-            connection.transport.abort()
+        if connection is not None:
+            self._dropped_before += connection.inbound_dropped
+            if connection.transport is not None:
+                connection.transport.abort()
 
     def _schedule_keepalive(self) -> None:
         # A timer, not a task per session: 10,000 sessions' keepalive tasks waking together
@@ -609,15 +699,23 @@ class MqttSession:
         return self._connected().close_reason
 
     @property
+    def disconnect_code(self) -> int | None:
+        """The reason code of the broker's DISCONNECT (MQTT 5) that ended the connection;
+        None when it gave none (3.1.1 brokers just close)."""
+        return self._connected().disconnect_code
+
+    @property
     def taken_over(self) -> bool:
         """Whether the broker ended the session because another client connected with the
-        same client id (MQTT 5 reason 0x8E; MQTT 3.1.1 brokers just close the connection)."""
-        return self._connected().taken_over
+        same client id (MQTT 5 reason 0x8E)."""
+        return self.disconnect_code == _SESSION_TAKEN_OVER
 
     @property
     def inbound_dropped(self) -> int:
-        """Messages dropped because the application fell ``inbound_limit`` behind."""
-        return self._connected().inbound_dropped
+        """Messages dropped because the application fell ``inbound_limit`` behind, over
+        every connection of the session."""
+        connection = self._connection
+        return self._dropped_before + (connection.inbound_dropped if connection else 0)
 
     @property
     def behind_since_ns(self) -> int | None:
@@ -629,7 +727,8 @@ class MqttSession:
     @property
     def inbound_waiting(self) -> int:
         """Received messages the application has not taken yet (at most ``inbound_limit``)."""
-        return len(self._connected().inbound)
+        connection = self._connection
+        return 0 if connection is None else len(connection.inbound)
 
     async def writable(self) -> None:
         """Return once the connection has room for more bytes (its send buffer is below
@@ -662,15 +761,20 @@ class MqttSession:
         timeout_s: float | None = None,
         slot_held: bool = False,
     ) -> None:
-        """Publish one message; with QoS 1 or 2, return when the broker acknowledged it.
+        """Publish one message; with QoS 1 or 2, return when the broker completed it.
 
         ``slot_held``: the caller holds a :meth:`send_slot` for it (else one is taken here).
         ``timeout_s``: how long to wait for the acknowledgement (default: the target's).
+        A QoS above the broker's Maximum QoS is refused, or lowered to it with
+        ``target.downgrade_qos``.
 
         Raises:
-            SendError: not connected, an invalid topic, too large, refused, or no ack in time.
+            SendError: not connected, an invalid topic, too large, refused, answered out of
+                protocol, or not acknowledged in time.
         """
         connection = self._connected()
+        if qos > self.broker.maximum_qos:
+            qos = self._allowed_qos(topic, qos)
         topic_bytes = _topic_bytes(topic)
         properties = b""
         if self._level == MQTT_5:
@@ -701,6 +805,16 @@ class MqttSession:
                 reason=UNACKNOWLEDGED,
             ) from None
 
+    def _allowed_qos(self, topic: str, qos: int) -> int:
+        maximum = self.broker.maximum_qos
+        if self.target.downgrade_qos:
+            return maximum
+        raise SendError(
+            f"publish to {topic}: QoS {qos} asked, but the broker allows at most QoS "
+            f"{maximum} (its CONNACK's Maximum QoS)",
+            reason=QOS_NOT_SUPPORTED,
+        )
+
     async def _publish_acknowledged(
         self,
         connection: _Connection,
@@ -711,22 +825,25 @@ class MqttSession:
         payload: bytes,
         size: int,
     ) -> None:
-        packet_id = self._packet_ids.take(connection.acks)
+        await connection.writable()
+        state = self._state
+        packet_id = state.take_packet_id()
+        frame = _publish_frame(
+            0x30 | (qos << 1), topic_bytes, packet_id.to_bytes(2), properties, payload, size
+        )
+        done = asyncio.get_running_loop().create_future()
+        expect = PacketType.PUBACK if qos == 1 else PacketType.PUBREC
+        state.outbound[packet_id] = Outbound(topic, qos, frame, expect, done)
         try:
-            ack_future = connection.acks[packet_id] = asyncio.get_running_loop().create_future()
-            await connection.writable()
-            first = 0x30 | (qos << 1)
-            connection.write(
-                _publish_frame(first, topic_bytes, packet_id.to_bytes(2), properties, payload, size)
-            )
-            ack = await ack_future
-            _check_ack(ack, topic)
-            if qos == 2:
-                ack_future = connection.acks[packet_id] = asyncio.get_running_loop().create_future()
-                connection.write(encode_ack(PacketType.PUBREL, packet_id, self._level))
-                _check_ack(await ack_future, topic)
-        finally:
-            connection.acks.pop(packet_id, None)
+            connection.write(frame)
+        except SendError:
+            if not state.persistent:
+                del state.outbound[packet_id]
+                raise
+            # Persistent: it goes out when the session resumes, within the timeout.
+        # Cancelled (timed out), ``done`` is cancelled with us and the entry keeps its id
+        # until the broker completes the flow or the session ends: it may still hold it.
+        await done
 
     async def subscribe(
         self, filters: Sequence[str], *, qos: int = 1, identify: bool = False
@@ -734,11 +851,12 @@ class MqttSession:
         """Subscribe to every filter and return the broker's SUBACK code for each.
 
         Codes 0-2 are the granted QoS; 128 and up are refusals. With ``identify``
-        (MQTT 5), filter ``i`` gets Subscription Identifier ``i + 1``, so each message
-        says which filters matched it: a broker sends one copy per matching subscription,
-        and without the identifiers the copies of overlapping filters cannot be told apart.
+        (MQTT 5, where the broker offers Subscription Identifiers), filter ``i`` gets
+        Subscription Identifier ``i + 1``, so each message says which filters matched it:
+        a broker sends one copy per matching subscription, and without the identifiers the
+        copies of overlapping filters cannot be told apart.
         """
-        if identify and self._level == MQTT_5:
+        if identify and self._level == MQTT_5 and self.broker.subscription_identifiers:
             return [
                 (await self._subscribe([f], qos, subscription_id=i + 1))[0]
                 for i, f in enumerate(filters)
@@ -749,12 +867,13 @@ class MqttSession:
         self, filters: Sequence[str], qos: int, subscription_id: int | None = None
     ) -> list[int]:
         connection = self._connected()
-        packet_id = self._packet_ids.take(connection.subacks)
+        state = self._state
+        packet_id = state.take_packet_id()
         properties: Properties = []
         if subscription_id is not None:
             properties.append((PropertyId.SUBSCRIPTION_IDENTIFIER, subscription_id))
         packet = Subscribe(packet_id, [SubscriptionRequest(f, qos) for f in filters], properties)
-        suback_future = connection.subacks[packet_id] = asyncio.get_running_loop().create_future()
+        suback_future = state.subacks[packet_id] = asyncio.get_running_loop().create_future()
         try:
             connection.write(encode_subscribe(packet, self._level))
             async with asyncio.timeout(self.target.connect_timeout_s):
@@ -765,7 +884,7 @@ class MqttSession:
                 self.target.url, f"subscribe failed: {detail}", reason="disconnected"
             ) from None
         finally:
-            connection.subacks.pop(packet_id, None)
+            state.subacks.pop(packet_id, None)
         return suback.reason_codes
 
     async def messages(self) -> AsyncIterator[InboundMessage]:
@@ -794,18 +913,55 @@ class MqttSession:
         return self._connection
 
 
-class _PacketIds:
-    """Packet identifiers 1..65535, in turn, skipping those still in use."""
+def _connect_packet(
+    target: BrokerTarget, client_id: str, level: int, clean_start: bool, properties: Properties
+) -> bytes:
+    # An empty user name or password (``${FLEET_MQTT_USER:-}`` left unset) is none at all:
+    # brokers such as RabbitMQ refuse a zero-length user name.
+    return encode_connect(
+        Connect(
+            protocol_level=level,
+            clean_start=clean_start,
+            keepalive=target.keepalive_s,
+            client_id=client_id,
+            username=target.username or None,
+            password=target.password.encode() if target.password else None,
+            properties=properties,
+        )
+    )
 
-    def __init__(self) -> None:
-        self._next = 0
 
-    def take(self, in_use: Mapping[int, object]) -> int:
-        for _ in range(65_535):
-            self._next = self._next % 65_535 + 1
-            if self._next not in in_use:
-                return self._next
-        raise SendError("no free packet identifier", reason="queue_full")
+async def speaks_only_311(target: BrokerTarget, client_id: str) -> bool:
+    """Whether the broker answers an MQTT 3.1.1 CONNECT (on a connection of its own, with
+    its own client id, closed at once): asked after it hung up on an MQTT 5 one."""
+    probe_id = f"{client_id[:40]}-probe-{os.urandom(2).hex()}"
+    packet = _connect_packet(target, probe_id, MQTT_311, True, [])
+    try:
+        async with asyncio.timeout(target.connect_timeout_s):
+            reader, writer = await asyncio.open_connection(
+                target.host,
+                target.port,
+                ssl=target.tls,
+                server_hostname=target.host if target.tls else None,
+            )
+            try:
+                writer.write(packet)
+                answer = await reader.readexactly(4)
+                with contextlib.suppress(OSError):
+                    writer.write(_DISCONNECT_NORMAL)
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError):
+        return False
+    return answer[:2] == b"\x20\x02"
+
+
+def _only_311(target: BrokerTarget, what: str) -> ConnectError:
+    return ConnectError(
+        target.url,
+        f"the broker does not speak MQTT 5 ({what}); set target.mqtt.protocol: 3.1.1",
+        reason="protocol",
+    )
 
 
 def _topic_bytes(topic: str) -> bytes:
@@ -844,49 +1000,6 @@ def _publish_frame(
     return b"".join((bytes((first,)), encode_varint(size), topic, packet_id, properties, payload))
 
 
-def _check_ack(ack: Ack, topic: str) -> None:
-    if ack.reason_code >= 0x80:
-        raise SendError(
-            f"publish to {topic} refused by the broker (reason 0x{ack.reason_code:02x})",
-            reason="rejected",
-        )
-
-
-def _connack_text(code: int, level: int) -> str:
-    names = _CONNACK_311 if level == MQTT_311 else _CONNACK_5
-    return f"code {code}: {names.get(code, 'refused')}"
-
-
-_CONNACK_311 = {
-    1: "unacceptable protocol version",
-    2: "identifier rejected",
-    3: "server unavailable",
-    4: "bad user name or password",
-    5: "not authorized",
-}
-_CONNACK_5 = {
-    128: "unspecified error",
-    129: "malformed packet",
-    130: "protocol error",
-    132: "unsupported protocol version",
-    133: "client identifier not valid",
-    134: "bad user name or password",
-    135: "not authorized",
-    136: "server unavailable",
-    137: "server busy",
-    138: "banned",
-    140: "bad authentication method",
-    149: "packet too large",
-    151: "quota exceeded",
-    153: "payload format invalid",
-    154: "retain not supported",
-    155: "QoS not supported",
-    156: "use another server",
-    157: "server moved",
-    159: "connection rate exceeded",
-}
-
-
 def _os_reason(exc: OSError) -> str:
     """A bounded reason label for a socket error."""
     if isinstance(exc, ConnectionRefusedError):
@@ -899,6 +1012,8 @@ def _os_reason(exc: OSError) -> str:
 
 
 def _os_error_text(exc: OSError) -> str:
+    if isinstance(exc, ConnectionAbortedError):
+        return str(exc)
     if isinstance(exc, ConnectionResetError):
         return f"the broker closed the connection before CONNACK ({exc})"
     return exc.strerror or str(exc)

@@ -984,6 +984,16 @@ class Connack:
     session_present: bool
     reason_code: int
     properties: Properties = field(default_factory=list)
+    answered_311: bool = False
+    """An MQTT 5 CONNECT answered with a 3.1.1 CONNACK: the broker speaks only 3.1.1."""
+
+
+@dataclass(slots=True)
+class Auth:
+    """An AUTH packet (MQTT 5 enhanced authentication)."""
+
+    reason_code: int = ReasonCode.SUCCESS
+    properties: Properties = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -1000,7 +1010,7 @@ class PingResp:
     """A PINGRESP packet."""
 
 
-ServerPacket: TypeAlias = Connack | Publish | Ack | Suback | PingResp | Disconnect
+ServerPacket: TypeAlias = Connack | Publish | Ack | Suback | PingResp | Disconnect | Auth
 
 
 def encode_connect(connect: Connect) -> bytes:
@@ -1067,6 +1077,10 @@ def decode_server_packet(first_byte: int, body: bytes, protocol_level: int) -> S
     elif kind == PacketType.CONNACK:
         _check_flags(first_byte, 0)
         flags, code = reader.u8(), reader.u8()
+        if v5 and reader.at_end():
+            # Every MQTT 5 CONNACK has a property length; a 3.1.1 broker answers an MQTT 5
+            # CONNECT with its own two bytes (code 1, unacceptable protocol version).
+            return Connack(bool(flags & 0x01), code, answered_311=True)
         packet = Connack(bool(flags & 0x01), code, reader.properties() if v5 else [])
     elif kind == PacketType.SUBACK:
         _check_flags(first_byte, 0)
@@ -1076,6 +1090,12 @@ def decode_server_packet(first_byte: int, body: bytes, protocol_level: int) -> S
     elif kind == PacketType.PINGRESP:
         _check_flags(first_byte, 0)
         packet = PingResp()
+    elif kind == PacketType.AUTH and v5:
+        _check_flags(first_byte, 0)
+        packet = Auth()
+        if not reader.at_end():
+            packet.reason_code = reader.u8()
+            packet.properties = reader.properties()
     else:
         name = PacketType(kind).name if kind else "reserved packet type 0"
         raise ProtocolViolationError(f"unexpected {name} from server")
