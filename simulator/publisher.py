@@ -26,6 +26,12 @@ from fleetprobe.simulator.templates import PayloadTemplate, TextTemplate
 from fleetprobe.transport.errors import ConnectError, NotAuthorizedError, SendError
 from fleetprobe.transport.links import Backoff, LinkStats
 from fleetprobe.transport.mqtt import UNACKNOWLEDGED, BrokerTarget, MqttSession
+from fleetprobe.transport.mqtt_broker_info import (
+    DUPLICATE_CLIENT_ID,
+    UNKNOWN,
+    give_up_reason,
+)
+from fleetprobe.transport.mqtt_session_state import PROTOCOL_ERROR
 
 SessionMode = Literal["per_vehicle", "pooled"]
 
@@ -33,11 +39,11 @@ _CONNECTS_AT_ONCE = 64
 _RECONNECT_FIRST_PAUSE_S = 0.1
 _RECONNECT_MAX_PAUSE_S = 5.0
 _TALLY_EVERY_S = 1.0
-DUPLICATE_CLIENT_ID = "duplicate_client_id"
 _QUICK_LOSS_NS = 1_000_000_000
-_QUICK_LOSSES_OF_A_DUPLICATE = 3
-"""A session lost this many times in a row, each within a second of connecting, is taken
-to share its client id with another client."""
+_QUICK_LOSSES_TO_GIVE_UP = 3
+"""A session the broker closes this many times in a row, each within a second of
+connecting and without a reason code, is given up as ``unknown``: something keeps closing
+it (another client with its id, an ACL, a limit) and the broker does not say what."""
 READY_WAIT_S = 5.0
 """How long a send waits for its session to reconnect before it fails."""
 
@@ -111,17 +117,8 @@ class MqttPublisher:
             f"within {target.ack_timeout_s:g}s: the broker "
             "is not acknowledging; they count as send errors unacknowledged"
         )
-        self._given_up_tallies = {
-            DUPLICATE_CLIENT_ID: _Tally(
-                "%d MQTT session(s) of the fleet given up: another client keeps taking their "
-                "client ids (another run of this fleet?); their signals count as send errors "
-                "duplicate_client_id"
-            ),
-            "not_authorized": _Tally(
-                "%d MQTT session(s) of the fleet given up: the broker refused the credentials "
-                "on reconnecting; their signals count as send errors not_authorized"
-            ),
-        }
+        self._given_up_tallies: dict[str, _Tally] = {}
+        self._protocol_tally: _Tally | None = None
         self._rng = random.Random()
         self.link = LinkStats("fleet", expected=len(self._client_ids))
 
@@ -142,7 +139,37 @@ class MqttPublisher:
         except BaseException:  # cancelled (a startup timeout): close what did connect
             await self._close_all()
             raise
+        try:
+            self._check_qos()
+        except ConnectError:
+            await self._close_all()
+            raise
         return self
+
+    def _check_qos(self) -> None:
+        """Refuse, before anything is sent, signals above the broker's Maximum QoS (or say
+        that they will be lowered to it, with ``downgrade_qos``)."""
+        broker = next(iter(self._sessions.values())).broker
+        maximum = broker.maximum_qos
+        too_high = sorted(name for name, spec in self.signals.items() if spec.qos > maximum)
+        if not too_high:
+            return
+        names = ", ".join(too_high)
+        if self.target.downgrade_qos:
+            log.warning(
+                "the broker allows at most QoS %d: signal(s) %s go at QoS %d",
+                maximum,
+                names,
+                maximum,
+            )
+            return
+        raise ConnectError(
+            self.target.url,
+            f"the broker allows at most QoS {maximum} (its CONNACK's Maximum QoS), but "
+            f"signal(s) {names} ask for more: set their qos to {maximum}, or "
+            f"target.mqtt.downgrade_qos: true to send them at QoS {maximum}",
+            reason="qos_not_supported",
+        )
 
     async def __aexit__(
         self,
@@ -153,14 +180,23 @@ class MqttPublisher:
         await self._close_all()
 
     async def _connect(self, key: str, *, again: bool = False) -> None:
-        session = MqttSession(self.target, self._client_ids[key], inbound_limit=1)
-        await session.__aenter__()
-        self._sessions[key] = session
+        session = self._sessions.get(key)
+        resent_before = 0
+        if session is None:
+            session = MqttSession(self.target, self._client_ids[key], inbound_limit=1)
+            await session.__aenter__()
+            self._sessions[key] = session
+            self.link.broker = session.broker.as_dict()
+        else:
+            resent_before = session.resent
+            await session.reconnect()  # the same session: a persistent one resumes
         self._connected_ns[key] = time.monotonic_ns()
         self._ready.setdefault(key, asyncio.Event()).set()
         self._watchers[key] = asyncio.create_task(self._reconnect_when_lost(key, session))
         if again:
-            self.link.reconnected()
+            self.link.reconnected(
+                resumed=session.session_present, resent=session.resent - resent_before
+            )
         else:
             self.link.up()
 
@@ -172,17 +208,18 @@ class MqttPublisher:
             return  # closed on purpose
         self.link.lost()
         self._ready[key].clear()
-        del self._sessions[key]
-        taken_over = session.taken_over
-        await session.__aexit__(None, None, None)
+        code = session.disconnect_code
         quick = time.monotonic_ns() - self._connected_ns[key] < _QUICK_LOSS_NS
         self._quick_losses[key] = self._quick_losses.get(key, 0) + 1 if quick else 0
-        if taken_over or self._quick_losses[key] >= _QUICK_LOSSES_OF_A_DUPLICATE:
-            # Another client has this client id (another run of the same fleet?): taking
-            # it back would throw that one out, and so on, every few milliseconds. MQTT 5
-            # brokers may say so (0x8E); others just close a session moments after it
-            # connected, again and again.
-            self._give_up(key, DUPLICATE_CLIENT_ID)
+        # The broker's reason decides (MQTT 5: taken over by another client with this id,
+        # a QoS it refuses, moved elsewhere); without one, a session closed moments after
+        # each connect, again and again, is given up for a cause nobody named.
+        reason = give_up_reason(code)
+        if reason is None and code is None and self._quick_losses[key] >= _QUICK_LOSSES_TO_GIVE_UP:
+            reason = UNKNOWN
+        if reason is not None:
+            self._give_up(key, reason, None if code is None else session.close_reason)
+            await self._sessions.pop(key).disconnect()
             return
         self._lost_tally.add()
         backoff = Backoff(_RECONNECT_FIRST_PAUSE_S, _RECONNECT_MAX_PAUSE_S, self._rng)
@@ -192,14 +229,20 @@ class MqttPublisher:
                 await self._connect(key, again=True)
                 return
             except NotAuthorizedError:
-                self._give_up(key, "not_authorized")  # retrying will not change the answer
+                self._give_up(key, "not_authorized", None)  # retrying will not change it
+                await self._sessions.pop(key).disconnect()
                 return
             except ConnectError:
                 continue
 
-    def _give_up(self, key: str, reason: str) -> None:
+    def _give_up(self, key: str, reason: str, broker_said: str | None) -> None:
+        """Stop reconnecting ``key``: ``broker_said`` is the broker's DISCONNECT in words
+        (None: it gave no reason)."""
         self._given_up[key] = reason
-        self._given_up_tallies[reason].add()
+        tally = self._given_up_tallies.get(reason)
+        if tally is None:
+            tally = self._given_up_tallies[reason] = _Tally(_given_up_message(reason, broker_said))
+        tally.add()
         self.link.given_up()
 
     def given_up(self, vin: str) -> str | None:
@@ -208,6 +251,10 @@ class MqttPublisher:
 
     async def _close_all(self) -> None:
         self._closing = True
+        tallies = [self._lost_tally, self._unacknowledged_tally, self._protocol_tally]
+        for tally in [*tallies, *self._given_up_tallies.values()]:
+            if tally is not None:
+                tally.flush()
         watchers, self._watchers = self._watchers, {}
         for watcher in watchers.values():
             watcher.cancel()
@@ -235,8 +282,9 @@ class MqttPublisher:
         for key in keys:
             self._ready[key].clear()
             self.link.lost()
-        sessions = [self._sessions.pop(key) for key in keys]
-        await asyncio.gather(*(s.__aexit__(None, None, None) for s in sessions))
+            self._watchers.pop(key).cancel()  # this loss is the storm's, not the broker's
+        sessions = [self._sessions[key] for key in keys]
+        await asyncio.gather(*(s.disconnect(end_session=False) for s in sessions))
 
         async def back(key: str, delay_s: float) -> None:
             await asyncio.sleep(delay_s)  # the storm's jitter itself
@@ -310,6 +358,15 @@ class MqttPublisher:
             if error.reason == UNACKNOWLEDGED:
                 self.link.unacknowledged += 1
                 self._unacknowledged_tally.add()
+            elif error.reason == PROTOCOL_ERROR:
+                self.link.protocol_errors += 1
+                if self._protocol_tally is None:  # worded after the first one
+                    self._protocol_tally = _Tally(
+                        f"%d publish(es) answered out of protocol; the first: "
+                        f"{str(error).replace('%', '%%')}; they count as send errors "
+                        "protocol_error (or keep their verdict where a hop saw them)"
+                    )
+                self._protocol_tally.add()
             raise
 
     async def _until_ready(self, vin: str) -> None:
@@ -325,6 +382,27 @@ class MqttPublisher:
         return self._sessions[self._key_of[vin]]
 
 
+def _given_up_message(reason: str, broker_said: str | None) -> str:
+    """The log line of sessions given up for ``reason`` (``%d``: how many)."""
+    if broker_said is not None:
+        why = f"{broker_said}, which connecting again cannot change"
+        if reason == DUPLICATE_CLIENT_ID:
+            why += " (another run of this fleet?)"
+    elif reason == UNKNOWN:
+        why = (
+            "the broker closed each of them within 1 s of connecting, three times in a row, "
+            "without saying why (MQTT 3.1.1 has no reason codes, and some MQTT 5 brokers "
+            "give none): another client with the same client id, a QoS or topic it "
+            "refuses, or a limit of the broker"
+        )
+    else:
+        why = "the broker refused the credentials on reconnecting"
+    return (
+        f"%d MQTT session(s) of the fleet given up: {why.replace('%', '%%')}; "
+        f"their signals count as send errors {reason}"
+    )
+
+
 class _Tally:
     """Counts events of one kind and logs them as one line a second: a fleet loses its
     sessions together, and one line per vehicle would bury everything else."""
@@ -332,12 +410,18 @@ class _Tally:
     def __init__(self, message: str) -> None:
         self._message = message
         self._count = 0
+        self._timer: asyncio.TimerHandle | None = None
 
     def add(self) -> None:
         self._count += 1
         if self._count == 1:
-            asyncio.get_running_loop().call_later(_TALLY_EVERY_S, self._log)
+            self._timer = asyncio.get_running_loop().call_later(_TALLY_EVERY_S, self.flush)
 
-    def _log(self) -> None:
-        log.warning(self._message, self._count)
-        self._count = 0
+    def flush(self) -> None:
+        """Log what was counted since the last line (at the end too: nothing goes unsaid)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._count:
+            log.warning(self._message, self._count)
+            self._count = 0

@@ -35,6 +35,7 @@ from fleetprobe.probes.trace_ids import (
 from fleetprobe.transport.errors import ConnectError, NotAuthorizedError
 from fleetprobe.transport.links import Backoff, LinkStats
 from fleetprobe.transport.mqtt import InboundMessage, MqttSession
+from fleetprobe.transport.mqtt_broker_info import BrokerCapabilities
 from fleetprobe.transport.topics import check_topic_filter, topic_matches
 
 log = logging.getLogger("fleetprobe")
@@ -94,16 +95,15 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
         self._client_id = f"fleetprobe-observer-{os.urandom(4).hex()}"
         self._filter_of_id = dict(enumerate(self._routes, start=1))
         self._session: MqttSession | None = None
-        self._dropped_by_past_sessions = 0
         self._closing = False
         self._link = LinkStats("observer", expected=1)
 
     @property
     def queue(self) -> QueueState:
         session = self._session
-        waiting = session.inbound_waiting if session is not None else 0
-        dropped = self._dropped_by_past_sessions + (session.inbound_dropped if session else 0)
-        return QueueState(waiting, INBOUND_LIMIT, dropped)
+        if session is None:
+            return QueueState(0, INBOUND_LIMIT, 0)
+        return QueueState(session.inbound_waiting, INBOUND_LIMIT, session.inbound_dropped)
 
     @property
     def link(self) -> LinkStats:
@@ -115,7 +115,20 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
         return now_ns if since is None else min(now_ns, since)
 
     async def start(self) -> None:
-        self._session = await self._connect_and_subscribe()
+        self._session = MqttSession(
+            self.context.broker,
+            self._client_id,
+            inbound_limit=INBOUND_LIMIT,
+            on_backlog=self._on_backlog if self.context.blind is not None else None,
+        )
+        await self._session.__aenter__()
+        try:
+            self._check_capabilities(self._session.broker)
+            await self._subscribe(self._session)
+        except BaseException:
+            await self._session.disconnect()
+            raise
+        self._link.broker = self._session.broker.as_dict()
         self._link.up()
 
     async def run(self) -> None:
@@ -130,53 +143,59 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
                 if self._closing:
                     return
                 log.warning("the MQTT observer lost the broker (%s); reconnecting", error)
-            await self._forget_session()
             self._link.lost()
-            self._session = await self._reconnect()
-            self._link.reconnected()
+            await self._reconnect(self._session)
+            self._link.reconnected(resumed=self._session.session_present)
             log.info("the MQTT observer is subscribed again")
 
     async def close(self) -> None:
         self._closing = True
-        await self._forget_session()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.disconnect()
 
-    async def _reconnect(self) -> MqttSession:
+    async def _reconnect(self, session: MqttSession) -> None:
         # One session, no herd to spread out: come back soon, since every signal that
         # passes meanwhile is one this hop cannot see.
         backoff = Backoff(first_s=0.05, cap_s=0.5)
         while True:
             await asyncio.sleep(backoff.next_s())
             try:
-                return await self._connect_and_subscribe()
+                await session.reconnect()
+                if not session.session_present:  # a resumed session kept its subscriptions
+                    await self._subscribe(session)
+                return
             except NotAuthorizedError:
                 raise  # the credentials will not get better by retrying
             except ConnectError as error:
                 log.debug("the MQTT observer could not reconnect: %s", error)
 
-    async def _connect_and_subscribe(self) -> MqttSession:
-        session = MqttSession(
-            self.context.broker,
-            self._client_id,
-            inbound_limit=INBOUND_LIMIT,
-            on_backlog=self._on_backlog if self.context.blind is not None else None,
-        )
-        await session.__aenter__()
-        try:
-            filters = list(self._routes)
-            codes = await session.subscribe(filters, qos=1, identify=True)
-        except BaseException:
-            await session.__aexit__(None, None, None)
-            raise
+    def _check_capabilities(self, broker: BrokerCapabilities) -> None:
+        """Refuse filters the broker announced it does not take (MQTT 5 CONNACK)."""
+        for hop in self.hops:
+            topic = hop.config.topic
+            if not broker.wildcard_subscriptions and ("+" in topic or "#" in topic):
+                missing = "wildcard subscriptions"
+            elif not broker.shared_subscriptions and topic.startswith("$share/"):
+                missing = "shared subscriptions"
+            else:
+                continue
+            raise ObserverSetupError(
+                f"hop {hop.chain} > {hop.hop}: the broker does not offer {missing} (its "
+                f"CONNACK says so), so it cannot subscribe to {topic}"
+            )
+
+    async def _subscribe(self, session: MqttSession) -> None:
+        filters = list(self._routes)
+        codes = await session.subscribe(filters, qos=1, identify=True)
         refused = [f for f, code in zip(filters, codes, strict=True) if code >= 0x80]
         if refused:
-            await session.__aexit__(None, None, None)
             names = ", ".join(
                 f"{h.chain} > {h.hop}" for h in self.hops if h.config.topic in refused
             )
             raise ObserverSetupError(
                 f"the broker refused the subscription to {', '.join(refused)} (hops: {names})"
             )
-        return session
 
     def _on_backlog(self, since_ns: int, end_ns: int | None) -> None:
         """The session fell behind the broker (``end_ns`` None) or caught up."""
@@ -186,12 +205,6 @@ class MqttObserver(Observer, kind="mqtt", config=MqttHop):
             blind.open(self._client_id, since_ns)
         else:
             blind.close(self._client_id, end_ns, since_ns)
-
-    async def _forget_session(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            self._dropped_by_past_sessions += session.inbound_dropped
-            await session.__aexit__(None, None, None)
 
     def _matching_routes(self, message: InboundMessage) -> list[list[_Route]]:
         """The routes of the filters this copy of the message was delivered for."""
