@@ -88,6 +88,9 @@ def make_broker_target(scenario: Scenario, base_dir: Path) -> BrokerTarget:
         tls=tls,
         keepalive_s=max(1, round(mqtt.keepalive)),
         ack_timeout_s=mqtt.ack_timeout,
+        session_expiry_s=round(mqtt.session.expiry) if mqtt.session else None,
+        inflight=mqtt.inflight,
+        downgrade_qos=mqtt.downgrade_qos,
     )
 
 

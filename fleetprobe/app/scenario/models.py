@@ -66,6 +66,22 @@ class TlsFiles(Strict):
         return self
 
 
+class PersistentSession(Strict):
+    """A session the broker keeps while its connection is down (README: Persistent
+    sessions): nothing it acknowledged, or was about to deliver, is lost over a restart."""
+
+    expiry: PositiveDuration = Field(
+        description="how long the broker keeps the session while disconnected (1s to ~136y)"
+    )
+
+    @field_validator("expiry")
+    @classmethod
+    def _whole_seconds(cls, expiry: float) -> float:
+        if not 1 <= expiry <= 0xFFFFFFFE:
+            raise ValueError("expiry must be from 1s to 4294967294s (MQTT's Session Expiry)")
+        return expiry
+
+
 class MqttTargetConfig(Strict):
     """The broker of the platform under test."""
 
@@ -81,6 +97,21 @@ class MqttTargetConfig(Strict):
         10.0, description="how long a QoS 1/2 publish waits for its acknowledgement"
     )
     via: str | None = Field(None, description="the proxy (faults.proxies) the fleet goes through")
+    session: PersistentSession | None = Field(
+        None, description="persistent sessions for the fleet and the observers (default: clean)"
+    )
+    inflight: int | None = Field(
+        None,
+        ge=1,
+        le=65_535,
+        description="QoS 1/2 publishes a session leaves unacknowledged at most (default: the "
+        "broker's Receive Maximum in MQTT 5, 20 in 3.1.1, which announces none)",
+    )
+    downgrade_qos: bool = Field(
+        False,
+        description="send signals above the broker's Maximum QoS at that maximum (default: "
+        "refuse to start, exit 3)",
+    )
 
     @field_validator("url")
     @classmethod
