@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from fleetprobe.testbed.topic_index import TopicIndex
 from fleetprobe.transport.mqtt_codec import (
     MAX_VARINT,
     MQTT_5,
@@ -222,6 +223,7 @@ class EmbeddedBroker:
         self._server: asyncio.Server | None = None
         self._connections: dict[_Connection, asyncio.Task[object]] = {}
         self._sessions: dict[str, _Session] = {}
+        self._subscribers: TopicIndex[_Session] = TopicIndex()
         self._retained: dict[str, _Message] = {}
         self._stats = _Stats()
 
@@ -298,6 +300,7 @@ class EmbeddedBroker:
             if session.expiry_timer is not None:
                 session.expiry_timer.cancel()
         self._sessions.clear()
+        self._subscribers = TopicIndex()
         self._retained.clear()
         _LOG.info("embedded MQTT broker on port %d stopped", self._port)
 
@@ -349,6 +352,8 @@ class EmbeddedBroker:
             existing.expiry_timer.cancel()
             existing.expiry_timer = None
         if existing is None or clean_start:
+            if existing is not None:
+                self._forget_subscriptions(existing)
             session, present = _Session(client_id), False
             self._sessions[client_id] = session
         else:
@@ -373,9 +378,29 @@ class EmbeddedBroker:
     def _end_session(self, session: _Session) -> None:
         if self._sessions.get(session.client_id) is session:
             del self._sessions[session.client_id]
+            self._forget_subscriptions(session)
         if session.expiry_timer is not None:
             session.expiry_timer.cancel()
             session.expiry_timer = None
+
+    def subscribe(self, session: _Session, topic_filter: str, subscription: _Subscription) -> bool:
+        """Add or replace a subscription of ``session``; True if it replaced one."""
+        existed = topic_filter in session.subscriptions
+        session.subscriptions[topic_filter] = subscription
+        if not existed:
+            self._subscribers.add(topic_filter, session)
+        return existed
+
+    def unsubscribe(self, session: _Session, topic_filter: str) -> bool:
+        """Remove a subscription of ``session``; False if it had none."""
+        if session.subscriptions.pop(topic_filter, None) is None:
+            return False
+        self._subscribers.remove(topic_filter, session)
+        return True
+
+    def _forget_subscriptions(self, session: _Session) -> None:
+        for topic_filter in session.subscriptions:
+            self._subscribers.remove(topic_filter, session)
 
     def _publish(self, message: _Message, origin: _Session | None) -> None:
         """Stores a retained message and hands a copy to each matching session."""
@@ -386,9 +411,7 @@ class EmbeddedBroker:
                 self._retained.pop(message.topic, None)
         self._stats.routed += 1
         levels = message.topic.split("/")
-        # A linear scan over sessions and their filters: plenty for the tens
-        # of clients of a demo or test, and simpler than a topic tree.
-        for session in list(self._sessions.values()):
+        for session in self._subscribers.candidates(levels):
             out = _match(session, message, levels, origin)
             if out is None:
                 continue
@@ -694,7 +717,6 @@ class _Connection:
             if not is_valid_topic_filter(topic_filter):
                 codes.append(ReasonCode.TOPIC_FILTER_INVALID if v5 else failure)
                 continue
-            existed = topic_filter in session.subscriptions
             subscription = _Subscription(
                 topic_filter.split("/"),
                 request.qos,
@@ -702,7 +724,7 @@ class _Connection:
                 request.retain_as_published,
                 identifier,
             )
-            session.subscriptions[topic_filter] = subscription
+            existed = self._broker.subscribe(session, topic_filter, subscription)
             codes.append(request.qos)
             if request.retain_handling == 0 or (request.retain_handling == 1 and not existed):
                 wants_retained.append(subscription)
@@ -717,7 +739,7 @@ class _Connection:
         session = self._require_session()
         codes = [
             ReasonCode.SUCCESS
-            if session.subscriptions.pop(topic_filter, None) is not None
+            if self._broker.unsubscribe(session, topic_filter)
             else ReasonCode.NO_SUBSCRIPTION_EXISTED
             for topic_filter in packet.topic_filters
         ]
