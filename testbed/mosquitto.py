@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -97,6 +98,10 @@ class MosquittoProcess:
             self.persistence_dir.mkdir(parents=True, exist_ok=True)
             self.persistence_dir.chmod(0o777)  # written by mosquitto's own user
             persistence = f"persistence true\npersistence_location {self.persistence_dir}/\n"
+            if os.geteuid() == 0:
+                # Mosquitto started as root drops to its own user, which cannot reach a
+                # folder below a root-only one (a test's tmp_path): it then saves nothing.
+                persistence += "user root\n"
         config.write_text(
             f"listener {self.port} {self.host}\n"
             f"{self.listener_options}\n"
