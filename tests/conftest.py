@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import yaml
 
+from brokers import AmqttProcess, RabbitMqProcess, RumqttdProcess, rabbitmq_path
 from fleetprobe.app.run import RunOptions, RunResult, run_scenario
 from fleetprobe.app.scenario import load_scenario
 from fleetprobe.testbed.mosquitto import MosquittoProcess, mosquitto_path
@@ -30,6 +31,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         command, package = mark.args
         if command == "mosquitto":
             found = mosquitto_path() is not None
+        elif command == "rabbitmq-server":
+            found = rabbitmq_path() is not None
         else:
             found = shutil.which(command) is not None
         if found:
@@ -48,6 +51,27 @@ def broker_url() -> Iterator[str]:
         return
     with MosquittoProcess() as broker:
         yield broker.url
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitMqProcess]:
+    """A RabbitMQ node with its MQTT plugin for the whole session (it takes ~13 s to boot)."""
+    with RabbitMqProcess() as node:
+        yield node
+
+
+@pytest.fixture(scope="session")
+def rumqttd() -> Iterator[RumqttdProcess]:
+    """rumqttd with an MQTT 3.1.1 and an MQTT 5 listener, for the whole session."""
+    with RumqttdProcess() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="session")
+def amqtt() -> Iterator[AmqttProcess]:
+    """amqtt, an MQTT 3.1.1-only broker, for the whole session."""
+    with AmqttProcess() as broker:
+        yield broker
 
 
 @pytest.fixture

@@ -1,0 +1,124 @@
+"""The session state of the MQTT client as pure logic: one packet-id space, ids held while
+the broker may hold them, acknowledgements checked against their flow, and what a resumed
+session sends again. The embedded broker's topic index against the plain matcher."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fleetprobe.testbed.topic_index import TopicIndex
+from fleetprobe.transport.errors import SendError
+from fleetprobe.transport.mqtt_codec import MQTT_5, Ack, PacketType
+from fleetprobe.transport.mqtt_session_state import Outbound, SessionState
+from fleetprobe.transport.topics import match_levels
+
+
+def pending(state: SessionState, qos: int, topic: str = "t") -> tuple[int, Outbound]:
+    packet_id = state.take_packet_id()
+    frame = bytes((0x30 | qos << 1,)) + b"\x05\x00\x01t" + packet_id.to_bytes(2)
+    expect = PacketType.PUBACK if qos == 1 else PacketType.PUBREC
+    entry = Outbound(topic, qos, frame, expect, asyncio.get_running_loop().create_future())
+    state.outbound[packet_id] = entry
+    return packet_id, entry
+
+
+async def test_publishes_and_subscribes_share_one_packet_id_space() -> None:
+    state = SessionState(persistent=False)
+    publish_id, _ = pending(state, 1)
+    state.subacks[state.take_packet_id()] = asyncio.get_running_loop().create_future()
+    taken = {publish_id, *state.subacks}
+    assert len(taken) == 2
+    assert state.take_packet_id() not in taken
+
+
+async def test_an_abandoned_qos_2_id_stays_held_until_the_broker_completes_it() -> None:
+    """The sender timed out (its future cancelled); the broker may still hold the id, so
+    it is not given to a new publish until PUBCOMP frees it."""
+    state = SessionState(persistent=False)
+    written: list[bytes] = []
+    packet_id, entry = pending(state, 2)
+    entry.done.cancel()  # the sender's timeout
+    for _ in range(70_000):
+        assert state.take_packet_id() != packet_id  # round and round, past it
+    state.on_ack(Ack(PacketType.PUBREC, packet_id), written.append, MQTT_5)
+    assert written and written[0][0] >> 4 == PacketType.PUBREL
+    state.on_ack(Ack(PacketType.PUBCOMP, packet_id), written.append, MQTT_5)
+    assert packet_id not in state.outbound
+
+
+async def test_a_puback_for_a_qos_2_publish_fails_it_as_a_protocol_error() -> None:
+    state = SessionState(persistent=False)
+    packet_id, entry = pending(state, 2, "v/1/telemetry")
+    state.on_ack(Ack(PacketType.PUBACK, packet_id), lambda _: None, MQTT_5)
+    with pytest.raises(SendError, match="PUBACK where the protocol requires PUBREC") as err:
+        await entry.done
+    assert err.value.reason == "protocol_error"
+    assert packet_id not in state.outbound
+
+
+async def test_a_refusal_names_the_broker_reason() -> None:
+    state = SessionState(persistent=False)
+    packet_id, entry = pending(state, 1)
+    state.on_ack(Ack(PacketType.PUBACK, packet_id, 0x87), lambda _: None, MQTT_5)
+    with pytest.raises(SendError, match="not authorized") as err:
+        await entry.done
+    assert err.value.reason == "rejected"
+
+
+async def test_a_lost_connection_keeps_a_persistent_sessions_flows_and_resends_them() -> None:
+    """Clean: every flow fails and its id is free. Persistent: they wait, and resuming
+    sends the unfinished PUBLISH again with DUP and the PUBREL again, in their order."""
+    lost = SendError("gone", reason="disconnected")
+    clean = SessionState(persistent=False)
+    _, entry = pending(clean, 1)
+    suback = clean.subacks[clean.take_packet_id()] = asyncio.get_running_loop().create_future()
+    clean.connection_lost(lost)
+    assert not clean.outbound and entry.done.exception() is lost
+    assert suback.exception() is lost
+
+    kept = SessionState(persistent=True)
+    first_id, first = pending(kept, 1)
+    second_id, second = pending(kept, 2)
+    kept.on_ack(Ack(PacketType.PUBREC, second_id), lambda _: None, MQTT_5)
+    kept.connection_lost(lost)
+    assert not first.done.done() and not second.done.done()
+    written: list[bytes] = []
+    assert kept.resume(written.append, MQTT_5) == 2
+    assert written[0][0] == first.frame[0] | 0x08 and written[0][1:] == first.frame[1:]
+    assert written[1][0] >> 4 == PacketType.PUBREL
+    kept.on_ack(Ack(PacketType.PUBACK, first_id), written.append, MQTT_5)
+    assert first.done.done() and first.done.exception() is None
+
+
+LEVEL = st.sampled_from(["a", "b", "c", "$sys"])
+
+
+@given(
+    filters=st.lists(
+        st.lists(st.one_of(LEVEL, st.just("+")), min_size=1, max_size=4).flatmap(
+            lambda levels: st.sampled_from([levels, [*levels, "#"]])
+        ),
+        max_size=8,
+    ),
+    topic=st.lists(LEVEL, min_size=1, max_size=5),
+)
+def test_the_topic_index_finds_every_holder_of_a_matching_filter(
+    filters: list[list[str]], topic: list[str]
+) -> None:
+    """Every filter that matches the topic is among the candidates (a superset is fine:
+    the broker's exact match decides); removing all filters leaves an empty tree."""
+    index: TopicIndex[int] = TopicIndex()
+    for holder, levels in enumerate(filters):
+        index.add("/".join(levels), holder)
+    candidates = index.candidates(topic)
+    for holder, levels in enumerate(filters):
+        if match_levels(levels, topic):
+            assert holder in candidates
+    for holder, levels in enumerate(filters):
+        index.remove("/".join(levels), holder)
+    assert index.candidates(topic) == set()
+    assert not index._root.children
