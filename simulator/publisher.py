@@ -219,7 +219,7 @@ class MqttPublisher:
             reason = UNKNOWN
         if reason is not None:
             self._give_up(key, reason, None if code is None else session.close_reason)
-            await self._sessions.pop(key).disconnect()
+            await self._drop(key, reason)
             return
         self._lost_tally.add()
         backoff = Backoff(_RECONNECT_FIRST_PAUSE_S, _RECONNECT_MAX_PAUSE_S, self._rng)
@@ -230,7 +230,7 @@ class MqttPublisher:
                 return
             except NotAuthorizedError:
                 self._give_up(key, "not_authorized", None)  # retrying will not change it
-                await self._sessions.pop(key).disconnect()
+                await self._drop(key, "not_authorized")
                 return
             except ConnectError:
                 continue
@@ -244,6 +244,13 @@ class MqttPublisher:
             tally = self._given_up_tallies[reason] = _Tally(_given_up_message(reason, broker_said))
         tally.add()
         self.link.given_up()
+
+    async def _drop(self, key: str, reason: str) -> None:
+        """Close a given-up session: what it still had in flight fails for ``reason``;
+        the session is not ended at the broker, since it may now be another client's."""
+        session = self._sessions.pop(key)
+        session.forget_flows(f"not sent: the session was given up ({reason})", reason)
+        await session.disconnect(end_session=False)
 
     def given_up(self, vin: str) -> str | None:
         """Why the vehicle's session will not come back (None: it is up or reconnecting)."""

@@ -92,6 +92,7 @@ too), past which Mosquitto drops incoming QoS 2 messages it has already acknowle
 _RECEIVE_MAXIMUM_5 = 65_535  # MQTT 5's default when the broker announces none
 _SESSION_TAKEN_OVER = 0x8E
 _DISCONNECT_NORMAL = b"\xe0\x00"  # both protocols
+_NOT_CONNECTED_YET = BrokerCapabilities()  # a session's capabilities before any CONNACK
 
 
 @dataclass(frozen=True)
@@ -479,7 +480,7 @@ class MqttSession:
         self._max_packet_size = _MAX_PACKET_SIZE
         self._keepalive_s = target.keepalive_s
         self._dropped_before = 0  # inbound_dropped of earlier connections
-        self.broker = BrokerCapabilities()
+        self.broker = _NOT_CONNECTED_YET
         """What the broker announced in its last CONNACK."""
         self.session_present = False
         """Whether the last CONNACK resumed a session the broker kept."""
@@ -527,10 +528,12 @@ class MqttSession:
             raise
         except OSError as exc:
             self._drop_connection()
-            # RabbitMQ before 3.13 closes on an MQTT 5 CONNECT without a word.
+            # RabbitMQ before 3.13 closes on an MQTT 5 CONNECT without a word. Asked on the
+            # first connect only: a broker that spoke MQTT 5 before is restarting.
             if (
                 isinstance(exc, ConnectionResetError)
                 and self._level == MQTT_5
+                and self.broker is _NOT_CONNECTED_YET
                 and await speaks_only_311(t, self.client_id)
             ):
                 raise _only_311(
@@ -648,6 +651,11 @@ class MqttSession:
                 with contextlib.suppress(ConnectError, OSError):
                     await self._open(clean_start=True, keep=False)
                     await self.disconnect(end_session=False)
+
+    def forget_flows(self, message: str, reason: str) -> None:
+        """Fail every unfinished publish with ``SendError(message, reason)`` (a persistent
+        session keeps them over a lost connection, for a reconnect that will not come)."""
+        self._state.discard(SendError(message, reason=reason))
 
     def _drop_connection(self) -> None:
         if self._keepalive_timer is not None:
