@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from brokers import AmqttProcess, RabbitMqProcess
-from conftest import run_scenario_dict, scenario_dict
+from conftest import REPO, finish, fleetprobe, run_scenario_dict, scenario_dict
 from fleetprobe.testbed.mosquitto import MosquittoProcess
 from fleetprobe.transport.errors import ConnectError, SendError
 from fleetprobe.transport.mqtt import BrokerTarget, MqttSession, parse_broker_url
@@ -297,3 +297,22 @@ async def test_a_broker_that_moves_the_fleet_elsewhere_ends_its_sessions_for_goo
     assert set(errors) <= {"server_moved", "disconnected"} and errors.get("server_moved")
     assert "mqtt.elsewhere.example:8883" in caplog.text
     assert result.report["mqtt"]["fleet"]["given_up"] == 2
+
+
+async def test_bad_session_settings_are_named_before_anything_starts(tmp_path: Path) -> None:
+    """An expiry under a second, a zero window and a non-boolean downgrade: exit 2, each
+    named with its line and field."""
+    text = (REPO / "scenarios/demo.yaml").read_text()
+    bad = text.replace(
+        "    sessions: per_vehicle\n",
+        "    sessions: per_vehicle\n    session: {expiry: 500ms}\n    inflight: 0\n"
+        "    downgrade_qos: maybe\n",
+        1,
+    )
+    path = tmp_path / "bad.yaml"
+    path.write_text(bad)
+    code, out, err = await finish(await fleetprobe("validate", str(path), cwd=tmp_path))
+    assert code == 2
+    assert "bad.yaml:14:23: target > mqtt > session > expiry: expiry must be from 1s" in out + err
+    assert "bad.yaml:15:15: target > mqtt > inflight: must be >= 1" in out + err
+    assert "bad.yaml:16:20: target > mqtt > downgrade_qos" in out + err
