@@ -39,6 +39,7 @@ from fleetprobe.transport.mqtt import BrokerTarget, MqttSession  # noqa: E402
 SECTIONS = ("embedded", "publish", "restart", "window")
 MESSAGES = 20_000
 IDLE_SESSIONS = (0, 2_000)
+REPEATS = 3
 
 # Run in a process of its own, with the tree to measure first on sys.path: the embedded
 # broker and a subscriber and publisher on one loop, and the idle sessions.
@@ -101,7 +102,7 @@ asyncio.run(main(int(sys.argv[2]), int(sys.argv[3])))
 
 def bench_publish(baseline: str | None) -> list[list[Any]]:
     with MosquittoProcess() as broker:
-        return _in_trees(baseline, _PUBLISH, [[str(broker.port), "200000"]] * 2)
+        return _in_trees(baseline, _PUBLISH, [[str(broker.port), "200000"]])
 
 
 def bench_embedded(baseline: str | None) -> list[list[Any]]:
@@ -109,8 +110,9 @@ def bench_embedded(baseline: str | None) -> list[list[Any]]:
 
 
 def _in_trees(baseline: str | None, script: str, cases: list[list[str]]) -> list[list[Any]]:
-    """Run ``script`` (tree, *case) once per case in this tree and the baseline's:
-    a row per tree, a rate per case."""
+    """Run ``script`` (tree, *case) per case in this tree and the baseline's: a row per
+    tree, the best rate of ``REPEATS`` runs per case (noise on a shared machine only
+    ever slows a run down)."""
     trees = [("this tree", REPO)]
     worktree = None
     if baseline:
@@ -126,13 +128,16 @@ def _in_trees(baseline: str | None, script: str, cases: list[list[str]]) -> list
         for name, tree in trees:
             row: list[Any] = [name]
             for case in cases:
-                out = subprocess.run(
-                    [sys.executable, "-c", script, str(tree), *case],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-                row.append(f"{json.loads(out)['rate']:,.0f}")
+                rates = []
+                for _ in range(REPEATS):
+                    out = subprocess.run(
+                        [sys.executable, "-c", script, str(tree), *case],
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                    ).stdout
+                    rates.append(json.loads(out)["rate"])
+                row.append(f"{max(rates):,.0f}")
             rows.append(row)
     finally:
         if worktree is not None:
@@ -273,10 +278,10 @@ def main() -> None:
     if only - set(SECTIONS):
         parser.error(f"choose sections from {', '.join(SECTIONS)}")
     if "embedded" in only:
-        header = ["tree", *(f"msg/s, {n:,} idle sessions" for n in IDLE_SESSIONS)]
+        header = ["tree", *(f"msg/s, {n:,} idle sessions (best of 3)" for n in IDLE_SESSIONS)]
         print(table("Embedded broker routing (QoS 0)", header, bench_embedded(args.baseline)))
     if "publish" in only:
-        header = ["tree", "msg/s, run 1", "msg/s, run 2"]
+        header = ["tree", "msg/s (best of 3)"]
         print(table("fleetprobe's session publishing QoS 0", header, bench_publish(args.baseline)))
     if "restart" in only:
         header = ["sessions", "sent", "followed", "ok", "timeout", "other", "lost", "resent"]
