@@ -8,13 +8,14 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
 from conftest import REPO, assert_every_signal_accounted, read_traces, scenario_dict, write_scenario
-from fleetprobe.app.run import RunOptions, run_scenario
+from fleetprobe.app.run import RunOptions, RunResult, run_scenario
 from fleetprobe.app.scenario import load_scenario
 from fleetprobe.testbed.broker import EmbeddedBroker
 from fleetprobe.testbed.mosquitto import MosquittoProcess
@@ -33,6 +34,29 @@ async def first_messages(target: BrokerTarget, topic_filter: str, count: int) ->
             await anext(messages)
 
 
+async def run_through_a_restart(
+    broker: MosquittoProcess,
+    scenario: dict[str, Any],
+    prefix: str,
+    tmp_path: Path,
+    options: RunOptions,
+) -> RunResult:
+    """Run ``scenario`` and restart ``broker`` (down for OUTAGE_S) once 20 messages under
+    ``prefix`` went through; then stop the broker for good."""
+    try:
+        loaded = load_scenario(write_scenario(tmp_path / "s.yaml", scenario))
+        run = asyncio.create_task(run_scenario(loaded, options))
+        async with asyncio.timeout(20):
+            await first_messages(BrokerTarget(broker.host, broker.port), f"{prefix}/#", 20)
+        await asyncio.to_thread(broker.stop)
+        await asyncio.sleep(OUTAGE_S)  # the outage itself, not a wait for something
+        await asyncio.to_thread(broker.start)
+        async with asyncio.timeout(60):
+            return await run
+    finally:
+        broker.stop()
+
+
 @pytest.mark.parametrize("persistent", [False, True], ids=["no-persistence", "persistence"])
 async def test_a_broker_restart_is_survived_and_reported(
     tmp_path: Path, prefix: str, persistent: bool
@@ -41,25 +65,14 @@ async def test_a_broker_restart_is_survived_and_reported(
     sent = verdicts = trace lines; the outage is in report.json and in the metrics."""
     broker = MosquittoProcess(persistence_dir=tmp_path / "state" if persistent else None)
     broker.start()
-    try:
-        scenario = scenario_dict(broker.url, prefix, duration="5s")
-        scenario["exporters"] = {
-            "json": str(tmp_path / "report.json"),
-            "traces": str(tmp_path / "traces.jsonl"),
-        }
-        loaded = load_scenario(write_scenario(tmp_path / "s.yaml", scenario))
-        registry = CollectorRegistry()
-        options = RunOptions(handle_signals=False, registry=registry)
-        run = asyncio.create_task(run_scenario(loaded, options))
-        async with asyncio.timeout(20):
-            await first_messages(BrokerTarget(broker.host, broker.port), f"{prefix}/#", 20)
-        await asyncio.to_thread(broker.stop)
-        await asyncio.sleep(OUTAGE_S)  # the outage itself, not a wait for something
-        await asyncio.to_thread(broker.start)
-        async with asyncio.timeout(60):
-            result = await run
-    finally:
-        broker.stop()
+    scenario = scenario_dict(broker.url, prefix, duration="5s")
+    scenario["exporters"] = {
+        "json": str(tmp_path / "report.json"),
+        "traces": str(tmp_path / "traces.jsonl"),
+    }
+    registry = CollectorRegistry()
+    options = RunOptions(handle_signals=False, registry=registry)
+    result = await run_through_a_restart(broker, scenario, prefix, tmp_path, options)
 
     report = json.loads((tmp_path / "report.json").read_text())
     lines = read_traces(tmp_path)
@@ -182,26 +195,16 @@ async def test_persistent_sessions_lose_nothing_over_a_broker_restart(
     (With clean sessions the same restart loses what was in flight: bench/brokers.py.)"""
     broker = MosquittoProcess(persistence_dir=tmp_path / "state" if kept else None)
     broker.start()
-    try:
-        scenario = scenario_dict(broker.url, prefix, duration="5s")
-        scenario["target"]["mqtt"]["session"] = {"expiry": "1h"}
-        scenario["signals"]["telemetry"]["qos"] = 1
-        scenario["chains"][0]["hops"][0]["within"] = "8s"  # the outage is the broker's
-        scenario["exporters"] = {
-            "json": str(tmp_path / "report.json"),
-            "traces": str(tmp_path / "traces.jsonl"),
-        }
-        loaded = load_scenario(write_scenario(tmp_path / "s.yaml", scenario))
-        run = asyncio.create_task(run_scenario(loaded, RunOptions(handle_signals=False)))
-        async with asyncio.timeout(20):
-            await first_messages(BrokerTarget(broker.host, broker.port), f"{prefix}/#", 20)
-        await asyncio.to_thread(broker.stop)
-        await asyncio.sleep(OUTAGE_S)  # the outage itself, not a wait for something
-        await asyncio.to_thread(broker.start)
-        async with asyncio.timeout(60):
-            result = await run
-    finally:
-        broker.stop()
+    scenario = scenario_dict(broker.url, prefix, duration="5s")
+    scenario["target"]["mqtt"]["session"] = {"expiry": "1h"}
+    scenario["signals"]["telemetry"]["qos"] = 1
+    scenario["chains"][0]["hops"][0]["within"] = "8s"  # the outage is the broker's
+    scenario["exporters"] = {
+        "json": str(tmp_path / "report.json"),
+        "traces": str(tmp_path / "traces.jsonl"),
+    }
+    options = RunOptions(handle_signals=False)
+    result = await run_through_a_restart(broker, scenario, prefix, tmp_path, options)
 
     report = result.report
     assert result.exit_code == 0

@@ -702,6 +702,12 @@ class MqttSession:
         await asyncio.shield(self._connected().closed)
 
     @property
+    def connected(self) -> bool:
+        """Whether the session's connection is open."""
+        connection = self._connection
+        return connection is not None and not connection.closed.done()
+
+    @property
     def close_reason(self) -> str:
         """Why the connection ended (``connection lost``, ``closed``, the broker's reason)."""
         return self._connected().close_reason
