@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fleetprobe.testbed.topic_index import TopicIndex
 from fleetprobe.transport.errors import SendError
-from fleetprobe.transport.mqtt_codec import MQTT_5, Ack, PacketType
+from fleetprobe.transport.mqtt_codec import MQTT_5, Ack, Connack, PacketType, decode_server_packet
 from fleetprobe.transport.mqtt_session_state import Outbound, SessionState
 from fleetprobe.transport.topics import match_levels
 
@@ -122,3 +122,18 @@ def test_the_topic_index_finds_every_holder_of_a_matching_filter(
         index.remove("/".join(levels), holder)
     assert index.candidates(topic) == set()
     assert not index._root.children
+
+
+@pytest.mark.parametrize(
+    ("body", "answered_311", "code"),
+    [(b"\x00\x01", True, 1), (b"\x00\x87", False, 0x87), (b"\x00\x00\x00", False, 0)],
+    ids=["311-refusal", "5-without-properties", "5-accepted"],
+)
+def test_a_3_1_1_connack_to_an_mqtt_5_connect_is_told_apart(
+    body: bytes, answered_311: bool, code: int
+) -> None:
+    """Two bytes with code 1 are a 3.1.1 broker's "unacceptable protocol version"; two
+    bytes with another code, an MQTT 5 broker that left its properties out."""
+    connack = decode_server_packet(0x20, body, MQTT_5)
+    assert isinstance(connack, Connack)
+    assert (connack.answered_311, connack.reason_code) == (answered_311, code)

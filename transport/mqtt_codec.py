@@ -1079,8 +1079,9 @@ def decode_server_packet(first_byte: int, body: bytes, protocol_level: int) -> S
         flags, code = reader.u8(), reader.u8()
         if v5 and reader.at_end():
             # Every MQTT 5 CONNACK has a property length; a 3.1.1 broker answers an MQTT 5
-            # CONNECT with its own two bytes (code 1, unacceptable protocol version).
-            return Connack(bool(flags & 0x01), code, answered_311=True)
+            # CONNECT with its own two bytes, code 1 (unacceptable protocol version). Any
+            # other two bytes: an MQTT 5 broker that left the properties out.
+            return Connack(bool(flags & 0x01), code, answered_311=code == 1)
         packet = Connack(bool(flags & 0x01), code, reader.properties() if v5 else [])
     elif kind == PacketType.SUBACK:
         _check_flags(first_byte, 0)
