@@ -222,18 +222,26 @@ class MqttPublisher:
             await self._drop(key, reason)
             return
         self._lost_tally.add()
+        await self._come_back(key)
+
+    async def _come_back(self, key: str) -> None:
+        """Connect ``key`` again, backing off with jitter, until it is back or given up."""
         backoff = Backoff(_RECONNECT_FIRST_PAUSE_S, _RECONNECT_MAX_PAUSE_S, self._rng)
         while not self._closing:
             await asyncio.sleep(backoff.next_s())  # jittered: vehicles do not return at once
-            try:
-                await self._connect(key, again=True)
+            if await self._try_connect(key):
                 return
-            except NotAuthorizedError:
-                self._give_up(key, "not_authorized", None)  # retrying will not change it
-                await self._drop(key, "not_authorized")
-                return
-            except ConnectError:
-                continue
+
+    async def _try_connect(self, key: str) -> bool:
+        """Connect ``key`` again once; True when that settled it (back, or given up)."""
+        try:
+            await self._connect(key, again=True)
+        except NotAuthorizedError:
+            self._give_up(key, "not_authorized", None)  # retrying will not change it
+            await self._drop(key, "not_authorized")
+        except ConnectError:
+            return False
+        return True
 
     def _give_up(self, key: str, reason: str, broker_said: str | None) -> None:
         """Stop reconnecting ``key``: ``broker_said`` is the broker's DISCONNECT in words
@@ -267,8 +275,13 @@ class MqttPublisher:
             watcher.cancel()
         await asyncio.gather(*watchers.values(), return_exceptions=True)
         sessions, self._sessions = self._sessions, {}
-        for session in sessions.values():
-            await session.__aexit__(None, None, None)
+        gate = asyncio.Semaphore(_CONNECTS_AT_ONCE)  # ending 3.1.1 persistent ones connects
+
+        async def close(session: MqttSession) -> None:
+            async with gate:
+                await session.disconnect()
+
+        await asyncio.gather(*(close(session) for session in sessions.values()))
 
     def ready(self, vin: str) -> bool:
         """Whether the vehicle's session is connected (not reconnecting)."""
@@ -281,10 +294,8 @@ class MqttPublisher:
     async def reconnect_all(self, jitter_s: float, rng: random.Random) -> int:
         """Drop every session at once and connect each again after a uniform draw from
         ``[0, jitter_s]``, as a fleet does after an outage; return the sessions dropped.
-
-        Raises:
-            ConnectError: a session could not connect again.
-        """
+        A session that cannot connect at its time comes back later, backing off as after
+        any loss."""
         keys = list(self._sessions)
         for key in keys:
             self._ready[key].clear()
@@ -295,11 +306,11 @@ class MqttPublisher:
 
         async def back(key: str, delay_s: float) -> None:
             await asyncio.sleep(delay_s)  # the storm's jitter itself
-            await self._connect(key, again=True)
+            if not await self._try_connect(key) and not self._closing:
+                self._watchers[key] = asyncio.create_task(self._come_back(key))
 
-        async with asyncio.TaskGroup() as group:
-            for key in keys:
-                group.create_task(back(key, rng.uniform(0, jitter_s) if jitter_s else 0.0))
+        delays = [rng.uniform(0, jitter_s) if jitter_s else 0.0 for _ in keys]
+        await asyncio.gather(*(back(key, delay) for key, delay in zip(keys, delays, strict=True)))
         return len(keys)
 
     def prepare(self, emission: Emission, intended_ns: int, *, clock_skew_ns: int = 0) -> Outgoing:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from conftest import REPO, assert_every_signal_accounted, read_traces, scenario_dict, write_scenario
 from fleetprobe.app.run import RunOptions, RunResult, run_scenario
 from fleetprobe.app.scenario import load_scenario
+from fleetprobe.simulator.publisher import MqttPublisher
 from fleetprobe.testbed.broker import EmbeddedBroker
 from fleetprobe.testbed.mosquitto import MosquittoProcess
 from fleetprobe.transport.mqtt import BrokerTarget, MqttSession
@@ -220,3 +222,25 @@ async def test_persistent_sessions_lose_nothing_over_a_broker_restart(
         assert results.get("timeout", 0) == 0 and results["ok"] > 0, results
     last = sorted(read_traces(tmp_path), key=lambda line: line["sent_at"])[-20:]
     assert all(line["hops"]["broker"]["result"] == "ok" for line in last)
+
+
+async def test_a_reconnect_storm_while_the_broker_is_down_brings_every_vehicle_back() -> None:
+    """The storm fault drops every session while no broker answers: no vehicle connects
+    at its time, and each comes back later, backing off, once the broker is up again (none
+    is left without a reconnect loop, and a second storm works)."""
+    broker = MosquittoProcess()
+    broker.start()
+    try:
+        target = BrokerTarget(broker.host, broker.port, connect_timeout_s=1)
+        vins = ["VIN00000000000001", "VIN00000000000002"]
+        async with MqttPublisher(target, {}, vins) as publisher:
+            await asyncio.to_thread(broker.stop)
+            assert await publisher.reconnect_all(0.0, random.Random(1)) == 2
+            assert not any(publisher.ready(vin) for vin in vins)
+            await asyncio.to_thread(broker.start)
+            async with asyncio.timeout(20):
+                await asyncio.gather(*(publisher.wait_ready(vin) for vin in vins))
+            assert await publisher.reconnect_all(0.0, random.Random(2)) == 2
+            assert all(publisher.ready(vin) for vin in vins)
+    finally:
+        broker.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -237,3 +238,21 @@ async def test_nothing_listening_is_refused(prefix: str) -> None:
         async with MqttSession(BrokerTarget("127.0.0.1", free_port())):
             pass
     assert refused.value.reason == "refused"
+
+
+async def test_nothing_is_published_on_a_connection_before_its_connack(
+    broker: BrokerTarget, prefix: str
+) -> None:
+    """While a persistent session reconnects, a publish is refused (not connected) rather
+    than written ahead of the CONNACK, where a resume would send it a second time."""
+    kept = dataclasses.replace(broker, session_expiry_s=60)
+    async with MqttSession(kept) as session:
+        await session.disconnect(end_session=False)
+        reconnecting = asyncio.create_task(session.reconnect())
+        await asyncio.sleep(0)  # one turn: it now waits for its socket and CONNACK
+        with pytest.raises(SendError, match="not connected"):
+            await session.publish(f"{prefix}/early", b"x", qos=1)
+        await asyncio.wait_for(reconnecting, 5)
+        assert session.session_present
+        await session.publish(f"{prefix}/after", b"x", qos=1)
+        assert session.resent == 0

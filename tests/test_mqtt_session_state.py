@@ -27,7 +27,7 @@ def pending(state: SessionState, qos: int, topic: str = "t") -> tuple[int, Outbo
 
 
 async def test_publishes_and_subscribes_share_one_packet_id_space() -> None:
-    state = SessionState(persistent=False)
+    state = SessionState(persistent=False, window=20)
     publish_id, _ = pending(state, 1)
     state.subacks[state.take_packet_id()] = asyncio.get_running_loop().create_future()
     taken = {publish_id, *state.subacks}
@@ -38,7 +38,7 @@ async def test_publishes_and_subscribes_share_one_packet_id_space() -> None:
 async def test_an_abandoned_qos_2_id_stays_held_until_the_broker_completes_it() -> None:
     """The sender timed out (its future cancelled); the broker may still hold the id, so
     it is not given to a new publish until PUBCOMP frees it."""
-    state = SessionState(persistent=False)
+    state = SessionState(persistent=False, window=20)
     written: list[bytes] = []
     packet_id, entry = pending(state, 2)
     entry.done.cancel()  # the sender's timeout
@@ -51,7 +51,7 @@ async def test_an_abandoned_qos_2_id_stays_held_until_the_broker_completes_it() 
 
 
 async def test_a_puback_for_a_qos_2_publish_fails_it_as_a_protocol_error() -> None:
-    state = SessionState(persistent=False)
+    state = SessionState(persistent=False, window=20)
     packet_id, entry = pending(state, 2, "v/1/telemetry")
     state.on_ack(Ack(PacketType.PUBACK, packet_id), lambda _: None, MQTT_5)
     with pytest.raises(SendError, match="PUBACK where the protocol requires PUBREC") as err:
@@ -61,7 +61,7 @@ async def test_a_puback_for_a_qos_2_publish_fails_it_as_a_protocol_error() -> No
 
 
 async def test_a_refusal_names_the_broker_reason() -> None:
-    state = SessionState(persistent=False)
+    state = SessionState(persistent=False, window=20)
     packet_id, entry = pending(state, 1)
     state.on_ack(Ack(PacketType.PUBACK, packet_id, 0x87), lambda _: None, MQTT_5)
     with pytest.raises(SendError, match="not authorized") as err:
@@ -73,14 +73,14 @@ async def test_a_lost_connection_keeps_a_persistent_sessions_flows_and_resends_t
     """Clean: every flow fails and its id is free. Persistent: they wait, and resuming
     sends the unfinished PUBLISH again with DUP and the PUBREL again, in their order."""
     lost = SendError("gone", reason="disconnected")
-    clean = SessionState(persistent=False)
+    clean = SessionState(persistent=False, window=20)
     _, entry = pending(clean, 1)
     suback = clean.subacks[clean.take_packet_id()] = asyncio.get_running_loop().create_future()
     clean.connection_lost(lost)
     assert not clean.outbound and entry.done.exception() is lost
     assert suback.exception() is lost
 
-    kept = SessionState(persistent=True)
+    kept = SessionState(persistent=True, window=20)
     first_id, first = pending(kept, 1)
     second_id, second = pending(kept, 2)
     kept.on_ack(Ack(PacketType.PUBREC, second_id), lambda _: None, MQTT_5)
@@ -137,3 +137,39 @@ def test_a_3_1_1_connack_to_an_mqtt_5_connect_is_told_apart(
     connack = decode_server_packet(0x20, body, MQTT_5)
     assert isinstance(connack, Connack)
     assert (connack.answered_311, connack.reason_code) == (answered_311, code)
+
+
+async def test_an_abandoned_publish_keeps_its_window_slot_until_completed() -> None:
+    """The broker still counts a publish whose sender timed out against its Receive
+    Maximum: the window stays full until the broker completes it."""
+    state = SessionState(persistent=False, window=1)
+    await state.window.acquire()  # the sender's slot
+    packet_id, _ = pending(state, 1)
+    state.abandoned(packet_id)  # its sender timed out...
+    state.window.release()  # ...and gave its own slot back
+    assert state.window.used == 1
+    waiting = asyncio.ensure_future(state.window.acquire())
+    await asyncio.sleep(0)  # let it start waiting
+    assert not waiting.done()
+    state.on_ack(Ack(PacketType.PUBACK, packet_id), lambda _: None, MQTT_5)
+    await asyncio.wait_for(waiting, 1)
+    assert state.window.used == 1
+
+
+async def test_a_pubcomp_for_a_flow_the_broker_completed_already_completes_it() -> None:
+    """PUBREL sent again on resuming; the broker had completed the flow and answers PUBCOMP
+    0x92 (packet identifier not found): the message was accepted at PUBREC."""
+    state = SessionState(persistent=True, window=20)
+    packet_id, entry = pending(state, 2)
+    state.on_ack(Ack(PacketType.PUBREC, packet_id), lambda _: None, MQTT_5)
+    state.on_ack(Ack(PacketType.PUBCOMP, packet_id, 0x92), lambda _: None, MQTT_5)
+    await entry.done
+    assert not state.outbound
+
+
+def test_a_session_the_broker_lost_forgets_the_qos_2_ids_it_received() -> None:
+    """Else a new message reusing such an id would be acknowledged and never delivered."""
+    state = SessionState(persistent=True, window=20)
+    state.qos2_received.add(7)
+    state.discard(SendError("lost", reason="session_lost"))
+    assert state.qos2_received == set()

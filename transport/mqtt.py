@@ -471,12 +471,14 @@ class MqttSession:
         self._inbound_limit = inbound_limit
         self._on_backlog = on_backlog
         self._level = MQTT_5 if target.protocol == "5" else MQTT_311
-        self._connection: _Connection | None = None
-        self._state = SessionState(persistent=target.session_expiry_s is not None)
+        self._connection: _Connection | None = None  # set once its CONNACK is applied
+        self._opening: _Connection | None = None  # waiting for its CONNACK
+        self._state = SessionState(
+            persistent=target.session_expiry_s is not None,
+            window=target.inflight or DEFAULT_INFLIGHT_311,
+        )
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._ping_sent_ns = 0
-        self._window = target.inflight or DEFAULT_INFLIGHT_311
-        self._in_flight = asyncio.Semaphore(self._window)
         self._max_packet_size = _MAX_PACKET_SIZE
         self._keepalive_s = target.keepalive_s
         self._dropped_before = 0  # inbound_dropped of earlier connections
@@ -560,7 +562,18 @@ class MqttSession:
                     t.url, f"broker refused the credentials ({detail})", reason="not_authorized"
                 )
             raise ConnectError(t.url, f"broker refused the connection ({detail})", reason="refused")
-        self._apply_connack(connack)
+        connection, self._opening = self._opening, None
+        assert connection is not None
+        try:
+            self._apply_connack(connection, connack)
+        except SendError:  # it closed right after its CONNACK, before the resends went out
+            connection.abort(connection.close_reason)
+            raise ConnectError(
+                t.url,
+                f"lost right after CONNACK ({connection.close_reason})",
+                reason="disconnected",
+            ) from None
+        self._connection = connection  # publishes go out on it from now on, not before
         self._schedule_keepalive()
 
     async def _connect(self, clean_start: bool, keep: bool) -> Connack:
@@ -575,16 +588,19 @@ class MqttSession:
             ssl=t.tls,
             server_hostname=t.host if t.tls else None,
         )
-        self._connection = connection
+        self._opening = connection
         properties: Properties = []
         if level == MQTT_5 and t.session_expiry_s and keep:
             properties.append((PropertyId.SESSION_EXPIRY_INTERVAL, t.session_expiry_s))
         connection.write(_connect_packet(t, self.client_id, level, clean_start, properties))
         return await connection.connack
 
-    def _apply_connack(self, connack: Connack) -> None:
-        connection = self._connection
-        assert connection is not None
+    def _apply_connack(self, connection: _Connection, connack: Connack) -> None:
+        """Take in what the CONNACK says; resume (resend) or forget the session's flows.
+
+        Raises:
+            SendError: the connection closed before the resends could go out.
+        """
         self.broker = broker = BrokerCapabilities.from_connack(connack.properties, self._level)
         if broker.assigned_client_id:
             self.client_id = broker.assigned_client_id  # the session's name from now on
@@ -592,19 +608,20 @@ class MqttSession:
         if self._level == MQTT_5:
             announced = broker.receive_maximum or _RECEIVE_MAXIMUM_5
             window = min(self.target.inflight or announced, announced)
-        if window != self._window:
-            # Publishes holding a slot of the old window release it harmlessly.
-            self._window, self._in_flight = window, asyncio.Semaphore(window)
-        self._max_packet_size = broker.maximum_packet_size or _MAX_PACKET_SIZE
-        if broker.server_keep_alive is not None:
-            self._keepalive_s = broker.server_keep_alive
-        self.session_present = connack.session_present
         state = self._state
+        state.window.resize(window)
+        self._max_packet_size = broker.maximum_packet_size or _MAX_PACKET_SIZE
+        # A CONNACK without Server Keep Alive means the CONNECT's (after a failover too).
+        announced_keepalive = broker.server_keep_alive
+        self._keepalive_s = (
+            self.target.keepalive_s if announced_keepalive is None else announced_keepalive
+        )
+        self.session_present = connack.session_present
         if not state.persistent:
             return
         if connack.session_present:
             self.resent += state.resume(connection.write, self._level)
-        elif state.outbound:
+        else:  # the broker has no state of ours: nor may we (MQTT 5 3.2.2.1.1)
             state.discard(
                 SendError(
                     "not acknowledged: the broker came back without the session "
@@ -623,31 +640,34 @@ class MqttSession:
 
     async def disconnect(self, *, end_session: bool = True) -> None:
         """Say goodbye and close. ``end_session``: a persistent session ends too (MQTT 5:
-        Session Expiry 0 in the DISCONNECT; 3.1.1: a clean connect that discards it), so
-        the broker keeps nothing for a client that will not come back."""
+        Session Expiry 0 in the DISCONNECT; else, as when the connection was already lost
+        or in 3.1.1, a clean connect that discards it), so the broker keeps nothing for a
+        client that will not come back, and unfinished publishes fail now."""
+        self._drop_opening()
         if self._keepalive_timer is not None:
             self._keepalive_timer.cancel()
             self._keepalive_timer = None
         connection, self._connection = self._connection, None
-        if connection is None or connection.transport is None:
-            return
-        self._dropped_before += connection.inbound_dropped
         persistent = self._state.persistent
-        if not connection.closed.done():
-            goodbye = _DISCONNECT_NORMAL
-            if persistent and end_session and self._level == MQTT_5:
-                goodbye = encode_disconnect(0, [(PropertyId.SESSION_EXPIRY_INTERVAL, 0)])
-            with contextlib.suppress(SendError):
-                connection.write(goodbye)
-            connection.close_reason = "closed"
-            connection.transport.close()
-            # A broken connection cannot say goodbye; nothing is lost by not waiting for it.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2):
-                    await connection.closed
+        ended = False  # the broker was told to end the session
+        if connection is not None and connection.transport is not None:
+            self._dropped_before += connection.inbound_dropped
+            if not connection.closed.done():
+                goodbye = _DISCONNECT_NORMAL
+                if persistent and end_session and self._level == MQTT_5:
+                    goodbye = encode_disconnect(0, [(PropertyId.SESSION_EXPIRY_INTERVAL, 0)])
+                    ended = True
+                with contextlib.suppress(SendError):
+                    connection.write(goodbye)
+                connection.close_reason = "closed"
+                connection.transport.close()
+                # A broken connection cannot say goodbye; nothing is lost by not waiting.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2):
+                        await connection.closed
         if persistent and end_session:
             self._state.discard(SendError("not sent: closed", reason="disconnected"))
-            if self._level == MQTT_311:
+            if not ended:
                 with contextlib.suppress(ConnectError, OSError):
                     await self._open(clean_start=True, keep=False)
                     await self.disconnect(end_session=False)
@@ -657,7 +677,13 @@ class MqttSession:
         session keeps them over a lost connection, for a reconnect that will not come)."""
         self._state.discard(SendError(message, reason=reason))
 
+    def _drop_opening(self) -> None:
+        opening, self._opening = self._opening, None
+        if opening is not None and opening.transport is not None:
+            opening.transport.abort()
+
     def _drop_connection(self) -> None:
+        self._drop_opening()
         if self._keepalive_timer is not None:
             self._keepalive_timer.cancel()
             self._keepalive_timer = None
@@ -756,13 +782,17 @@ class MqttSession:
         stamps its message inside it starts the message's clock when the bytes can leave:
         the wait here is the sender's own, never the broker's. Publish inside with
         ``slot_held=True``."""
-        if qos:
-            async with self._in_flight:
-                await self._connected().writable()
-                yield
-        else:
+        if not qos:
             await self._connected().writable()
             yield
+            return
+        window = self._state.window
+        await window.acquire()
+        try:
+            await self._connected().writable()
+            yield
+        finally:
+            window.release()
 
     async def publish(
         self,
@@ -786,7 +816,6 @@ class MqttSession:
             SendError: not connected, an invalid topic, too large, refused, answered out of
                 protocol, or not acknowledged in time.
         """
-        connection = self._connected()
         if qos > self.broker.maximum_qos:
             qos = self._allowed_qos(topic, qos)
         topic_bytes = _topic_bytes(topic)
@@ -797,22 +826,24 @@ class MqttSession:
         if size + 5 > self._max_packet_size:
             raise SendError(f"publish to {topic}: {size} bytes is too large", reason="too_large")
         if qos == 0:
+            connection = self._connected()
             await connection.writable()
             connection.write(_publish_frame(0x30, topic_bytes, b"", properties, payload, size))
             return
         if timeout_s is None:
             timeout_s = self.target.ack_timeout_s
+        window = self._state.window
         try:
             async with asyncio.timeout(timeout_s):
-                if slot_held:
+                if not slot_held:
+                    await window.acquire()
+                try:
                     await self._publish_acknowledged(
-                        connection, qos, topic, topic_bytes, properties, payload, size
+                        qos, topic, topic_bytes, properties, payload, size
                     )
-                    return
-                async with self._in_flight:
-                    await self._publish_acknowledged(
-                        connection, qos, topic, topic_bytes, properties, payload, size
-                    )
+                finally:
+                    if not slot_held:
+                        window.release()
         except TimeoutError:
             raise SendError(
                 f"publish to {topic}: no acknowledgement within {timeout_s:g}s",
@@ -831,7 +862,6 @@ class MqttSession:
 
     async def _publish_acknowledged(
         self,
-        connection: _Connection,
         qos: int,
         topic: str,
         topic_bytes: bytes,
@@ -839,7 +869,8 @@ class MqttSession:
         payload: bytes,
         size: int,
     ) -> None:
-        await connection.writable()
+        await self._connected().writable()
+        connection = self._connected()  # read after every wait: it may have reconnected
         state = self._state
         packet_id = state.take_packet_id()
         frame = _publish_frame(
@@ -851,13 +882,15 @@ class MqttSession:
         try:
             connection.write(frame)
         except SendError:
-            if not state.persistent:
-                del state.outbound[packet_id]
-                raise
-            # Persistent: it goes out when the session resumes, within the timeout.
-        # Cancelled (timed out), ``done`` is cancelled with us and the entry keeps its id
-        # until the broker completes the flow or the session ends: it may still hold it.
-        await done
+            del state.outbound[packet_id]  # never sent: nothing to resend or to hold
+            raise
+        try:
+            await done
+        except asyncio.CancelledError:
+            # Timed out: the entry keeps its id, and its window slot, until the broker
+            # completes the flow or the session ends, since the broker may still hold it.
+            state.abandoned(packet_id)
+            raise
 
     async def subscribe(
         self, filters: Sequence[str], *, qos: int = 1, identify: bool = False

@@ -159,10 +159,10 @@ DISCONNECT_REASONS: dict[int, tuple[str, str | None]] = {
     0x8D: ("keep alive timeout", None),
     0x8E: ("session taken over", DUPLICATE_CLIENT_ID),
     0x8F: ("topic filter invalid", "protocol_error"),
-    0x90: ("topic name invalid", "topic_name_invalid"),
+    0x90: ("topic name invalid", None),  # one message's: the vehicle's others may pass
     0x93: ("receive maximum exceeded", None),
     0x94: ("topic alias invalid", "protocol_error"),
-    0x95: ("packet too large", "too_large"),
+    0x95: ("packet too large", None),
     0x96: ("message rate too high", None),
     0x97: ("quota exceeded", None),
     0x98: ("administrative action", None),

@@ -14,6 +14,7 @@ a wait for a PUBCOMP that will not come.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,9 +34,53 @@ _PUBLISH_REASONS = {
     0x87: "not authorized",
     0x90: "topic name invalid",
     0x91: "packet identifier in use",
+    0x92: "packet identifier not found",
     0x97: "quota exceeded",
     0x99: "payload format invalid",
 }
+
+
+class InFlightWindow:
+    """How many QoS 1/2 publishes may be unacknowledged at once (the broker's Receive
+    Maximum, or ``inflight``). A sender holds a slot while it waits for its
+    acknowledgement; a publish whose sender stopped waiting keeps holding one until the
+    broker completes it, since the broker still counts it against the window."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        """Wait for a free slot and take it."""
+        while self.used >= self.limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.used += 1
+
+    def release(self) -> None:
+        """Give a slot back."""
+        self.used -= 1
+        self._wake()
+
+    def resize(self, limit: int) -> None:
+        """A new limit (a new CONNACK's Receive Maximum); slots held stay held."""
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        free = self.limit - self.used
+        for waiter in list(self._waiters):
+            if free <= 0:
+                break
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
 
 
 @dataclass(slots=True)
@@ -52,6 +97,7 @@ class Outbound:
     frame: bytes  # the PUBLISH as first sent
     expect: PacketType  # PUBACK (QoS 1), PUBREC then PUBCOMP (QoS 2)
     done: asyncio.Future[None]
+    holds_slot: bool = False  # its sender stopped waiting: it holds its window slot itself
 
 
 class SessionState:
@@ -61,8 +107,9 @@ class SessionState:
     while either flow holds it).
     """
 
-    def __init__(self, *, persistent: bool) -> None:
+    def __init__(self, *, persistent: bool, window: int) -> None:
         self.persistent = persistent
+        self.window = InFlightWindow(window)
         self.outbound: dict[int, Outbound] = {}
         self.subacks: dict[int, asyncio.Future[Suback]] = {}
         self.qos2_received: set[int] = set()
@@ -101,7 +148,9 @@ class SessionState:
                 ),
             )
             return
-        if ack.reason_code >= 0x80:
+        if ack.reason_code >= 0x80 and ack.packet_type is not PacketType.PUBCOMP:
+            # (A PUBCOMP's 0x92 after a PUBREL sent again means the broker had completed
+            # the flow already: the message was accepted at PUBREC.)
             detail = describe(ack.reason_code, ack.properties, _PUBLISH_REASONS)
             self._finish(
                 packet_id,
@@ -117,8 +166,19 @@ class SessionState:
             return
         self._finish(packet_id, None)
 
+    def abandoned(self, packet_id: int) -> None:
+        """The sender of ``packet_id`` stopped waiting (timed out): if the broker has not
+        completed the flow, the entry takes over the sender's window slot."""
+        pending = self.outbound.get(packet_id)
+        if pending is not None and not pending.holds_slot:
+            pending.holds_slot = True
+            self.window.used += 1  # the sender gives its own slot back as it leaves
+
     def _finish(self, packet_id: int, error: SendError | None) -> None:
-        done = self.outbound.pop(packet_id).done
+        pending = self.outbound.pop(packet_id)
+        if pending.holds_slot:
+            self.window.release()
+        done = pending.done
         if not done.done():
             if error is None:
                 done.set_result(None)
