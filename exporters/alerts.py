@@ -1,8 +1,13 @@
-"""Send hop health changes as alerts, in Prometheus Alertmanager's webhook format.
+"""Send hop health changes as alerts: to Alertmanager's API, or to webhook receivers in
+the format Alertmanager sends them.
 
 A hop that goes down is a ``firing`` alert; the next change of the same hop (up) resolves
-it, with the same ``startsAt`` and the same fingerprint, so a receiver that understands
-Alertmanager webhooks (version 4) pairs them as it would pair Alertmanager's own.
+it, with the same ``startsAt`` and the same labels. A webhook receiver gets each change
+once, as Alertmanager's webhook body (version 4), so one that understands Alertmanager
+webhooks pairs them as it would pair Alertmanager's own. An Alertmanager gets the alert as
+Prometheus sends it (``POST /api/v2/alerts``): while it fires it is sent again every
+``resend_s`` with ``endsAt`` four resends ahead, so it resolves by itself if fleetprobe
+goes away; resolved, it is sent with ``endsAt`` the time the hop came back.
 
 :meth:`AlertSender.notify` never blocks the probe: it queues, and drops (and counts) when
 the queue is full. :meth:`AlertSender.run` delivers in the background, retrying connection
@@ -14,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter
@@ -43,22 +49,53 @@ _FNV64_PRIME = 0x100000001B3
 _SEPARATOR = b"\xff"  # cannot occur in UTF-8, as in Prometheus' label signatures
 
 
+RESEND_S = 60.0
+"""How often a firing alert is sent to Alertmanager again (Prometheus' resend delay)."""
+_RESENDS_AHEAD = 4  # a firing alert's endsAt, in resends: Prometheus' choice too
+
+
+@dataclass(frozen=True, slots=True)
+class AlertReceiver:
+    """Where alerts go. ``webhook``: a receiver of Alertmanager's webhook format;
+    ``alertmanager``: an Alertmanager, at its base URL (alerts go to /api/v2/alerts)."""
+
+    url: str
+    kind: Literal["webhook", "alertmanager"] = "webhook"
+
+    @property
+    def post_url(self) -> str:
+        """Where the alerts are POSTed."""
+        if self.kind == "alertmanager":
+            return self.url.rstrip("/") + "/api/v2/alerts"
+        return self.url
+
+
 @dataclass(frozen=True, slots=True)
 class _Notification:
-    """One queued webhook body, with what the log needs to name it."""
+    """One queued alert, with what the log needs to name it. ``resend``: a firing alert
+    sent again, for Alertmanagers only."""
 
-    body: bytes
+    change: HealthChange
     status: str
-    chain: str
-    hop: str
+    starts_at: str
+    ends_at: str
+    resend: bool = False
+
+    @property
+    def chain(self) -> str:
+        return self.change.chain
+
+    @property
+    def hop(self) -> str:
+        return self.change.hop
 
 
 class AlertSender(RunEvents):
-    """Posts health changes to webhook receivers (Alertmanager webhook payload, version 4):
-    a sink of the run's health changes.
+    """Posts health changes to Alertmanagers and webhook receivers: a sink of the run's
+    health changes.
 
     Args:
-        urls: every change goes to each of them.
+        receivers: every change goes to each of them (a plain URL is a webhook receiver).
         client: the shared HTTP client (it owns the connections).
         scenario: the scenario name, a label of every alert.
         queue_limit: changes waiting to be sent at most; more are dropped and counted.
@@ -66,6 +103,8 @@ class AlertSender(RunEvents):
         backoff_s: the wait before the second try; it doubles for each further try.
         timeout_s: the time one request may take.
         registry: if given, ``fleetprobe_alerts_sent_total{scenario,result}`` lives there.
+        resend_s: how often a firing alert goes to Alertmanagers again.
+        generator_url: where an alert comes from (fleetprobe's /metrics), if served.
 
     Attributes:
         sent: deliveries a receiver accepted (one per change and URL).
@@ -75,7 +114,7 @@ class AlertSender(RunEvents):
 
     def __init__(
         self,
-        urls: Sequence[str],
+        receivers: Sequence[AlertReceiver | str],
         client: HttpClient,
         *,
         scenario: str,
@@ -84,10 +123,16 @@ class AlertSender(RunEvents):
         backoff_s: float = 0.5,
         timeout_s: float = 5.0,
         registry: CollectorRegistry | None = None,
+        resend_s: float = RESEND_S,
+        generator_url: str = "",
     ) -> None:
         if attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {attempts}")
-        self.urls = tuple(urls)
+        self.receivers = tuple(
+            r if isinstance(r, AlertReceiver) else AlertReceiver(r) for r in receivers
+        )
+        self._resend_s = resend_s
+        self._generator_url = generator_url
         self.scenario = scenario
         self.sent = 0
         self.failed = 0
@@ -97,10 +142,10 @@ class AlertSender(RunEvents):
         self._backoff_s = backoff_s
         self._timeout_s = timeout_s
         self._queue: asyncio.Queue[_Notification] = asyncio.Queue(maxsize=queue_limit)
-        # startsAt of each hop's firing alert, kept until it is resolved: bounded by the
-        # number of hops. Kept at notify time, so a resolve still matches its firing alert
-        # when the firing one was dropped from a full queue.
-        self._firing_since: dict[tuple[str, str], str] = {}
+        # Each hop's firing alert, kept until it is resolved: bounded by the number of hops.
+        # Kept at notify time, so a resolve still matches its firing alert (its startsAt)
+        # when the firing one was dropped from a full queue; Alertmanagers get it again.
+        self._firing: dict[tuple[str, str], _Notification] = {}
         self._counters: dict[str, Counter] | None = None
         if registry is not None:
             counter = Counter(
@@ -123,7 +168,9 @@ class AlertSender(RunEvents):
 
     def health_changed(self, change: HealthChange) -> None:
         """Queue an alert for ``change``; never blocks. Over the queue limit: drop, count."""
-        notification = self._notification(change)
+        self._enqueue(self._notification(change))
+
+    def _enqueue(self, notification: _Notification) -> None:
         try:
             self._queue.put_nowait(notification)
         except asyncio.QueueFull:
@@ -140,13 +187,34 @@ class AlertSender(RunEvents):
                 )
 
     async def run(self) -> None:
-        """Deliver queued alerts until cancelled; a failed delivery is counted, not raised."""
+        """Deliver queued alerts until cancelled, and send firing ones to Alertmanagers
+        again every ``resend_s``; a failed delivery is counted, not raised."""
+        resending = None
+        if any(r.kind == "alertmanager" for r in self.receivers):
+            resending = asyncio.create_task(self._resend_firing())
+        try:
+            await self._deliver_queued()
+        finally:
+            if resending is not None:
+                resending.cancel()
+
+    async def _resend_firing(self) -> None:
+        while True:
+            await asyncio.sleep(self._resend_s)  # the resend period itself
+            for firing in list(self._firing.values()):
+                self._enqueue(
+                    _Notification(firing.change, "firing", firing.starts_at, NOT_ENDED, True)
+                )
+
+    async def _deliver_queued(self) -> None:
         while True:
             notification = await self._queue.get()
             try:
-                for index, url in enumerate(self.urls):
+                for index, receiver in enumerate(self.receivers):
+                    if notification.resend and receiver.kind != "alertmanager":
+                        continue  # a webhook receiver hears of each change once
                     try:
-                        await self._deliver(index, url, notification)
+                        await self._deliver(index, receiver, notification)
                     except Exception:
                         # A bug here must cost one alert, not every later one: the loop
                         # goes on. CancelledError is no Exception and still ends it.
@@ -169,8 +237,10 @@ class AlertSender(RunEvents):
             return False
         return True
 
-    async def _deliver(self, index: int, url: str, notification: _Notification) -> None:
-        where = f"alert receiver {index + 1} ({_redacted(url)})"
+    async def _deliver(
+        self, index: int, receiver: AlertReceiver, notification: _Notification
+    ) -> None:
+        where = f"alert receiver {index + 1} ({_redacted(receiver.url)})"
         problem = ""
         for attempt in range(self._attempts):
             if attempt:
@@ -178,9 +248,9 @@ class AlertSender(RunEvents):
             try:
                 response = await self._client.request(
                     "POST",
-                    url,
+                    receiver.post_url,
                     headers={"Content-Type": "application/json"},
-                    body=notification.body,
+                    body=self._body(receiver, notification),
                     timeout_s=self._timeout_s,
                 )
             except HttpError as error:
@@ -209,18 +279,41 @@ class AlertSender(RunEvents):
         key = (change.chain, change.hop)
         at = iso_utc(change.at_wall_ns)
         if change.up:
-            status = "resolved"
-            starts_at = self._firing_since.pop(key, at)
-            ends_at = at
-        else:
-            status = "firing"
-            starts_at = self._firing_since.setdefault(key, at)
-            ends_at = NOT_ENDED
-        payload = webhook_payload(
-            change, status=status, scenario=self.scenario, starts_at=starts_at, ends_at=ends_at
+            firing = self._firing.pop(key, None)
+            return _Notification(change, "resolved", firing.starts_at if firing else at, at)
+        firing = self._firing.get(key)
+        notification = _Notification(
+            change, "firing", firing.starts_at if firing else at, NOT_ENDED
         )
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        return _Notification(body, status, change.chain, change.hop)
+        self._firing[key] = notification
+        return notification
+
+    def _body(self, receiver: AlertReceiver, notification: _Notification) -> bytes:
+        change, status = notification.change, notification.status
+        if receiver.kind == "webhook":
+            payload: Any = webhook_payload(
+                change,
+                status=status,
+                scenario=self.scenario,
+                starts_at=notification.starts_at,
+                ends_at=notification.ends_at,
+            )
+        else:
+            ends_at = notification.ends_at
+            if status == "firing":  # ends by itself unless sent again before then
+                ahead_ns = int(_RESENDS_AHEAD * self._resend_s * 1e9)
+                ends_at = iso_utc(time.time_ns() + ahead_ns)
+            labels, annotations = alert_labels(change, self.scenario, status)
+            payload = [
+                {
+                    "labels": labels,
+                    "annotations": annotations,
+                    "startsAt": notification.starts_at,
+                    "endsAt": ends_at,
+                    "generatorURL": self._generator_url,
+                }
+            ]
+        return json.dumps(payload, separators=(",", ":")).encode()
 
     def _count(self, result: str) -> None:
         if self._counters is not None:
@@ -239,23 +332,7 @@ def webhook_payload(
         starts_at: when the alert began firing (ISO-8601).
         ends_at: when it was resolved, or :data:`NOT_ENDED`.
     """
-    labels = {
-        "alertname": ALERT_NAME,
-        "severity": "critical",
-        "scenario": scenario,
-        "chain": change.chain,
-        "hop": change.hop,
-    }
-    state = "down" if status == "firing" else "up again"
-    annotations = {
-        "summary": f"fleetprobe: hop {change.chain} > {change.hop} is {state}",
-        "description": (
-            f"{change.success_ratio:.1%} of {change.samples} signals ok at hop {change.hop} "
-            f"of chain {change.chain} over the last {change.window_s:g}s "
-            f"(objective {change.objective:.1%}); "
-            f"first failing hop: {change.first_failing_hop or 'none'}"
-        ),
-    }
+    labels, annotations = alert_labels(change, scenario, status)
     group_labels = {name: labels[name] for name in GROUP_BY}
     return {
         "version": WEBHOOK_VERSION,
@@ -279,6 +356,31 @@ def webhook_payload(
             }
         ],
     }
+
+
+def alert_labels(
+    change: HealthChange, scenario: str, status: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The labels and annotations of the alert of ``change`` (``status``: firing or
+    resolved), the same in both formats."""
+    labels = {
+        "alertname": ALERT_NAME,
+        "severity": "critical",
+        "scenario": scenario,
+        "chain": change.chain,
+        "hop": change.hop,
+    }
+    state = "down" if status == "firing" else "up again"
+    annotations = {
+        "summary": f"fleetprobe: hop {change.chain} > {change.hop} is {state}",
+        "description": (
+            f"{change.success_ratio:.1%} of {change.samples} signals ok at hop {change.hop} "
+            f"of chain {change.chain} over the last {change.window_s:g}s "
+            f"(objective {change.objective:.1%}); "
+            f"first failing hop: {change.first_failing_hop or 'none'}"
+        ),
+    }
+    return labels, annotations
 
 
 def fingerprint(labels: Mapping[str, str]) -> str:

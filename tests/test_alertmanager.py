@@ -1,11 +1,12 @@
 """fleetprobe's alert notifications beside a real Alertmanager's (Debian's
 prometheus-alertmanager).
 
-fleetprobe posts Alertmanager's *webhook* format (version 4) to webhook receivers; it does
-not post to Alertmanager's API (POST /api/v2/alerts takes a list of alerts, not a webhook
-body). So the real peer is the other direction: given the same alert, Alertmanager, grouped
-as deploy/alertmanager/alertmanager.yml groups, posts to a webhook receiver what fleetprobe
-posts to it, field for field, but its own externalURL.
+fleetprobe posts Alertmanager's *webhook* format (version 4) to webhook receivers, and
+alerts themselves to an Alertmanager's API (POST /api/v2/alerts). For the first, the real
+peer is the other direction: given the same alert, Alertmanager, grouped as
+deploy/alertmanager/alertmanager.yml groups, posts to a webhook receiver what fleetprobe
+posts to it, field for field, but its own externalURL. For the second, the alert shows in
+Alertmanager's own API, and Alertmanager notifies its receiver.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import pytest
 import yaml
 
 from fleetprobe.core.events import HealthChange
-from fleetprobe.exporters.alerts import GROUP_BY, NOT_ENDED, RECEIVER, AlertSender
+from fleetprobe.exporters.alerts import GROUP_BY, NOT_ENDED, RECEIVER, AlertReceiver, AlertSender
 from fleetprobe.testbed.mosquitto import free_port
 from fleetprobe.transport.http import HttpClient
 
@@ -269,3 +270,66 @@ async def test_alertmanager_groups_two_hops_down_apart_as_fleetprobe_does(
         assert comparable(theirs) == comparable(body)
         assert len(theirs["alerts"]) == 1
     assert tuple(yaml.safe_load(SHIPPED.read_text())["route"]["group_by"]) == GROUP_BY
+
+
+async def listed(url: str, scenario: str, done: Any) -> list[dict[str, Any]]:
+    """Alertmanager's active alerts of ``scenario`` (GET /api/v2/alerts), polled every
+    0.1 s until ``done(alerts)``, within WAIT_S."""
+    query = {"filter": f'scenario="{scenario}"', "active": "true"}
+    async with aiohttp.ClientSession() as http, asyncio.timeout(WAIT_S):
+        while True:
+            async with http.get(f"{url}/api/v2/alerts", params=query) as response:
+                alerts: list[dict[str, Any]] = await response.json()
+            if done(alerts):
+                return alerts
+            await asyncio.sleep(0.1)  # polling a server's state: there is nothing to await
+
+
+async def test_alerts_pushed_to_alertmanager_fire_stay_alive_and_resolve_there(
+    hooks: Hooks, alertmanager: str
+) -> None:
+    """``{alertmanager: URL}``: the hop's alert appears in Alertmanager's own API with
+    fleetprobe's labels, startsAt and generatorURL, and an endsAt ahead that each resend
+    moves on; Alertmanager notifies its receiver; the resolve ends it there too."""
+    scenario = f"s{uuid.uuid4().hex[:8]}"
+    async with HttpClient() as client:
+        sender = AlertSender(
+            [AlertReceiver(alertmanager, "alertmanager")],
+            client,
+            scenario=scenario,
+            resend_s=0.3,
+            generator_url="http://127.0.0.1:9464/metrics",
+        )
+        running = asyncio.create_task(sender.run())
+        try:
+            down = change("telemetry", "gateway", up=False)
+            sender.health_changed(down)
+            [alert] = await listed(alertmanager, scenario, lambda alerts: alerts)
+            assert alert["labels"] == {
+                "alertname": "FleetprobeHopDown",
+                "severity": "critical",
+                "scenario": scenario,
+                "chain": "telemetry",
+                "hop": "gateway",
+            }
+            assert alert["status"]["state"] == "active"
+            assert alert["generatorURL"] == "http://127.0.0.1:9464/metrics"
+            starts = datetime.fromisoformat(alert["startsAt"])
+            assert starts.timestamp() == pytest.approx(down.at_wall_ns / 1e9, abs=0.001)
+            first_end = datetime.fromisoformat(alert["endsAt"])
+            assert first_end.timestamp() > time.time()  # it ends by itself unless resent
+            await listed(  # resent: still active, its end moved on
+                alertmanager,
+                scenario,
+                lambda alerts: alerts and datetime.fromisoformat(alerts[0]["endsAt"]) > first_end,
+            )
+            await asyncio.to_thread(hooks.wait, "/alertmanager", "firing", scenario=scenario)
+
+            sender.health_changed(change("telemetry", "gateway", up=True))
+            await listed(alertmanager, scenario, lambda alerts: not alerts)
+            await asyncio.to_thread(hooks.wait, "/alertmanager", "resolved", scenario=scenario)
+            assert await sender.flush(WAIT_S)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+    assert sender.failed == 0 and sender.sent >= 3  # firing, at least one resend, resolved

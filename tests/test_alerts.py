@@ -6,14 +6,24 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from conftest import scenario_dict, write_scenario
+from fleetprobe.app.plan import alert_receivers
+from fleetprobe.app.scenario import ScenarioError, load_scenario
 from fleetprobe.core.events import HealthChange
-from fleetprobe.exporters.alerts import NOT_ENDED, AlertSender, fingerprint, webhook_payload
+from fleetprobe.exporters.alerts import (
+    NOT_ENDED,
+    AlertReceiver,
+    AlertSender,
+    fingerprint,
+    webhook_payload,
+)
 from fleetprobe.testbed.mosquitto import free_port
 from fleetprobe.transport.http import HttpClient
 from fleetprobe.transport.servers import serve
@@ -65,6 +75,7 @@ async def receiving(receiver: Receiver) -> AsyncIterator[str]:
     """Serve ``receiver`` at POST /hook/{name}; yields the base URL."""
     app = web.Application()
     app.router.add_post("/hook/{name}", receiver.handle)
+    app.router.add_post("/hook/{name}/api/v2/alerts", receiver.handle)
     runner, port = await serve(app, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{port}/hook"
@@ -226,3 +237,59 @@ def test_payload_fingerprint_is_alertmanagers() -> None:
     )
     json.dumps(body)  # JSON-ready
     assert body["alerts"][0]["fingerprint"] == fingerprint(body["alerts"][0]["labels"])
+
+
+async def test_only_alertmanagers_get_a_firing_alert_again() -> None:
+    """A webhook receiver hears of each change once; an Alertmanager gets the firing alert
+    again every resend, as a list of alerts at /api/v2/alerts with endsAt ahead, and the
+    resolve with endsAt the time the hop came back."""
+    receiver = Receiver()
+    app_paths: list[tuple[str, Any]] = []
+    async with receiving(receiver) as base, HttpClient() as client:
+        sender = AlertSender(
+            [f"{base}/plain", AlertReceiver(f"{base}/am/", "alertmanager")],
+            client,
+            scenario="demo",
+            resend_s=0.05,
+        )
+        async with sending(sender):
+            sender.health_changed(change(up=False))
+            while len([p for p, _ in app_paths if p.endswith("/api/v2/alerts")]) < 3:
+                app_paths.append(await receiver.next_post())
+            sender.health_changed(change(up=True, at_wall_ns=WALL + 90 * S))
+            while not any(
+                p.endswith("/api/v2/alerts") and body[0]["endsAt"].startswith("2026-11-22T10:01")
+                for p, body in app_paths
+            ):
+                app_paths.append(await receiver.next_post())
+            assert await sender.flush(WAIT_S)  # every delivery answered: every POST recorded
+    while not receiver.posts.empty():
+        app_paths.append(receiver.posts.get_nowait())
+    plain = [body["status"] for path, body in app_paths if path == "/hook/plain"]
+    assert plain == ["firing", "resolved"]
+    pushed = [body for path, body in app_paths if path == "/hook/am/api/v2/alerts"]
+    firing, resolved = pushed[0][0], pushed[-1][0]
+    assert firing["labels"]["hop"] == "api" and firing["startsAt"] == resolved["startsAt"]
+    assert firing["endsAt"] > "2026"  # a time ahead, not Go's zero time
+    assert resolved["endsAt"] == "2026-11-22T10:01:30.123456Z"
+
+
+def test_alert_destinations_in_a_scenario(tmp_path: Path) -> None:
+    """A plain URL and ``{webhook: URL}`` are webhook receivers, ``{alertmanager: URL}`` an
+    Alertmanager; an entry with both, or neither, is refused with its place."""
+    scenario = scenario_dict("mqtt://127.0.0.1:1883", "p")
+    scenario["alerts"] = [
+        "http://127.0.0.1:9/a",
+        {"webhook": "http://127.0.0.1:9/b"},
+        {"alertmanager": "http://127.0.0.1:9093"},
+    ]
+    loaded = load_scenario(write_scenario(tmp_path / "ok.yaml", scenario))
+    assert alert_receivers(loaded.scenario.alerts) == [
+        AlertReceiver("http://127.0.0.1:9/a"),
+        AlertReceiver("http://127.0.0.1:9/b"),
+        AlertReceiver("http://127.0.0.1:9093", "alertmanager"),
+    ]
+    scenario["alerts"] = [{"webhook": "http://127.0.0.1:9/b", "alertmanager": "http://x:1"}]
+    both = r"bad.yaml:37:3: alerts\[0\] > destination: give exactly one of alertmanager or"
+    with pytest.raises(ScenarioError, match=both):
+        load_scenario(write_scenario(tmp_path / "bad.yaml", scenario))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetprobe.app.scenario.models import HopBase, Scenario
+from fleetprobe.app.scenario.models import AlertDestination, HopBase, Scenario
+from fleetprobe.exporters.alerts import AlertReceiver
 from fleetprobe.probes.chains import ChainSpec, Expectation, HopSpec
 from fleetprobe.probes.observers import WatchedHop
 from fleetprobe.simulator.fleet import (
@@ -138,3 +140,17 @@ def _hops_by_kind(scenario: Scenario, base_dir: Path) -> dict[str, list[WatchedH
             located = config.located(base_dir)
             grouped[kind].append(WatchedHop(c, h, chain.name, hop.name, located))
     return dict(grouped)
+
+
+def alert_receivers(alerts: Sequence[str | AlertDestination]) -> list[AlertReceiver]:
+    """The scenario's ``alerts`` as receivers: a plain URL is a webhook receiver."""
+    receivers = []
+    for alert in alerts:
+        if isinstance(alert, str):
+            receivers.append(AlertReceiver(alert))
+        elif alert.alertmanager is not None:
+            receivers.append(AlertReceiver(alert.alertmanager, "alertmanager"))
+        else:
+            assert alert.webhook is not None
+            receivers.append(AlertReceiver(alert.webhook))
+    return receivers

@@ -27,7 +27,7 @@ from fleetprobe.app.exit_codes import ExitCode
 from fleetprobe.app.fault_rig import FaultRig
 from fleetprobe.app.interruption import INTERRUPT_DRAIN_S, Interruption, linger_for_last_scrape
 from fleetprobe.app.outcomes import SignalLedger, judge
-from fleetprobe.app.plan import make_plan
+from fleetprobe.app.plan import alert_receivers, make_plan
 from fleetprobe.app.scenario import LoadedScenario
 from fleetprobe.app.scenario.models import Scenario
 from fleetprobe.core.blind_spans import TOLERANCE_NS, BlindSpans, LoopWatch
@@ -159,6 +159,7 @@ class _Run:
         )
         self.metrics.track_inflight(self.tracker.inflight)
         self.alerts: AlertSender | None = None
+        self.metrics_url = ""  # where /metrics is served, once it is
         self.trace_log: TraceLog | None = None
         self.fleet_gone = False  # no fleet session was up when the drain ended
         self.interruption = Interruption()
@@ -237,6 +238,7 @@ class _Run:
         host, port = split_listen(listen)
         runner, self.result.metrics_port = await serve(make_metrics_app(self.registry), host, port)
         stack.push_async_callback(runner.cleanup)
+        self.metrics_url = f"http://{host}:{self.result.metrics_port}/metrics"
         log.info("serving /metrics on http://%s:%d/metrics", host, self.result.metrics_port)
         if self.options.on_listening is not None:
             self.options.on_listening(self.result.metrics_port)
@@ -251,7 +253,11 @@ class _Run:
             return
         client = await stack.enter_async_context(HttpClient(concurrency=4))
         self.alerts = AlertSender(
-            self.scenario.alerts, client, scenario=self.scenario.name, registry=self.registry
+            alert_receivers(self.scenario.alerts),
+            client,
+            scenario=self.scenario.name,
+            registry=self.registry,
+            generator_url=self.metrics_url,
         )
         self.events.add(self.alerts)
         sending = asyncio.create_task(self.alerts.run())

@@ -16,8 +16,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     WithJsonSchema,
     create_model,
     field_validator,
@@ -357,6 +359,35 @@ def _alert_url(url: str) -> str:
     return url
 
 
+AlertUrl = Annotated[str, AfterValidator(_alert_url)]
+
+
+class AlertDestination(Strict):
+    """``{alertmanager: URL}``: an Alertmanager, at its base URL (alerts go to its API,
+    /api/v2/alerts); ``{webhook: URL}``: a receiver of Alertmanager's webhook format (the
+    same as a plain URL)."""
+
+    alertmanager: AlertUrl | None = None
+    webhook: AlertUrl | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AlertDestination:
+        if (self.alertmanager is None) == (self.webhook is None):
+            raise ValueError("give exactly one of alertmanager or webhook")
+        return self
+
+
+def _alert_kind(entry: Any) -> str:
+    return "webhook_url" if isinstance(entry, str) else "destination"
+
+
+# Told apart by type before validation, so that a wrong entry gets the one error that fits.
+AlertEntry = Annotated[
+    Annotated[AlertUrl, Tag("webhook_url")] | Annotated[AlertDestination, Tag("destination")],
+    Discriminator(_alert_kind),
+]
+
+
 class Scenario(Strict):
     """A whole scenario file."""
 
@@ -372,7 +403,11 @@ class Scenario(Strict):
     chains: list[ChainConfig] = Field(default_factory=list)
     slo: list[ObjectiveConfig] = Field(default_factory=list)
     health: HealthConfig = Field(default_factory=HealthConfig)
-    alerts: list[Annotated[str, AfterValidator(_alert_url)]] = Field(default_factory=list)
+    alerts: list[AlertEntry] = Field(
+        default_factory=list,
+        description="where hop health changes go: a webhook URL, {webhook: URL} or "
+        "{alertmanager: URL}",
+    )
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     expect: list[ExpectConfig] = Field(default_factory=list)
     exporters: ExportersConfig = ExportersConfig()
