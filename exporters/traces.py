@@ -1,16 +1,29 @@
-"""``traces.jsonl``: one line per followed signal, written when the signal is retired."""
+"""``traces.jsonl``: one line per followed signal, written when the signal is retired.
+
+A :class:`TracePolicy` keeps the log to a size for long runs: every signal that is not ok
+is written, ok ones by a share (chosen by a hash of the trace id, so a replay writes the
+same lines); past ``max_bytes`` the file is rotated (``PATH`` becomes ``PATH.1``, and so
+on up to ``keep``), always between two lines. A file moved away by someone else
+(logrotate) is noticed within a second and opened anew at ``PATH``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import os
+import time
+import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from prometheus_client import CollectorRegistry, Counter
+
 from fleetprobe.core.events import RunEvents
-from fleetprobe.core.results import PENDING, SKIPPED, FollowedSignal
+from fleetprobe.core.results import PENDING, SKIPPED, FollowedSignal, Verdict
 from fleetprobe.core.times import iso_utc
 from fleetprobe.probes.chains import ChainSpec
 
@@ -59,29 +72,77 @@ def trace_line(followed: FollowedSignal, chain: ChainSpec, run_id: str) -> dict[
     }
 
 
+_MOVED_CHECK_NS = 1_000_000_000  # how often the log looks whether its file was moved away
+OUTCOMES = ("written", "sampled_out", "lost")
+
+
+@dataclass(frozen=True)
+class TracePolicy:
+    """How much of the trace log is kept: the share of ok signals written, the size at
+    which the file rotates (None: never) and how many rotated files are kept."""
+
+    sample_ok: float = 1.0
+    max_bytes: int | None = None
+    keep: int = 5
+
+
 class TraceLog(RunEvents):
     """Appends the line of each retired signal to a file: a sink of the run's events.
 
     The file is opened by :meth:`open` when the run starts emitting, so a start that fails
     leaves the previous run's log as it was. An I/O error (a full disk) stops the log, is
     logged once and kept in :attr:`error`; it never stops the run.
+
+    Attributes:
+        written, sampled_out, lost: lines written; ok lines left out by ``sample_ok``;
+            lines not written after an I/O error (``fleetprobe_trace_lines_total``).
+        rotations: how often the file was rotated.
     """
 
-    def __init__(self, path: str | Path, chains: Sequence[ChainSpec], run_id: str) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        chains: Sequence[ChainSpec],
+        run_id: str,
+        policy: TracePolicy = TracePolicy(),
+        *,
+        registry: CollectorRegistry | None = None,
+        scenario: str = "",
+    ) -> None:
         self.path = Path(path)
+        self.policy = policy
         self._chains = tuple(chains)
         self._run_id = run_id
         self._file: IO[str] | None = None
-        self.written = 0
+        self._bytes = 0  # in the current file
+        self._checked_ns = 0
+        self._ok_below = int(policy.sample_ok * 0xFFFFFFFF)  # crc32 of the trace id
+        self.written = self.sampled_out = self.lost = self.rotations = 0
         self.error: str | None = None
+        self._counters: dict[str, Counter] | None = None
+        if registry is not None:
+            counter = Counter(
+                "fleetprobe_trace_lines",
+                "Trace log lines of retired signals: written, ok ones sampled out, lost.",
+                ["scenario", "outcome"],
+                registry=registry,
+            )
+            self._counters = {o: counter.labels(scenario, o) for o in OUTCOMES}
 
     def open(self) -> None:
-        """Start the file anew."""
+        """Start the file anew (and drop the rotated files of an earlier run)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("w", encoding="utf-8", buffering=1 << 16)
+            for index in range(1, self.policy.keep + 1):
+                self._rotated(index).unlink(missing_ok=True)
+            self._open("w")
         except OSError as error:
             self._failed(error)
+
+    def _open(self, mode: str) -> None:
+        self._file = self.path.open(mode, encoding="utf-8", buffering=1 << 16)
+        self._bytes = self._file.tell()
+        self._checked_ns = time.monotonic_ns()
 
     def close(self) -> None:
         """Flush and close the file (what is buffered is written now)."""
@@ -100,16 +161,75 @@ class TraceLog(RunEvents):
         self.close()
 
     def retired(self, followed: FollowedSignal) -> None:
-        """Append the line of a retired signal."""
+        """Append the line of a retired signal (an ok one as ``sample_ok`` says)."""
         if self._file is None:
+            if self.error is not None:
+                self._count("lost")
             return  # not open yet (nothing was emitted), or stopped by an error
+        if (
+            followed.verdict is Verdict.OK
+            and zlib.crc32(followed.trace_id.encode()) > self._ok_below
+        ):
+            self._count("sampled_out")
+            return
         line = trace_line(followed, self._chains[followed.chain_index], self._run_id)
+        text = json.dumps(line, separators=(",", ":")) + "\n"  # ASCII: a byte a character
         try:
-            self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+            self._file.write(text)
         except OSError as error:
             self._failed(error)
+            self._count("lost")
             return
-        self.written += 1
+        self._bytes += len(text)
+        self._count("written")
+        try:
+            max_bytes = self.policy.max_bytes
+            if max_bytes is not None and self._bytes >= max_bytes:
+                self._rotate()
+            elif time.monotonic_ns() - self._checked_ns >= _MOVED_CHECK_NS:
+                self._reopen_if_moved()
+        except OSError as error:
+            self._failed(error)
+
+    def _rotate(self) -> None:
+        """PATH -> PATH.1 -> ... -> PATH.keep (the oldest goes), then PATH anew."""
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        for index in range(self.policy.keep - 1, 0, -1):
+            older = self._rotated(index)
+            if older.exists():
+                older.replace(self._rotated(index + 1))
+        if self.path.exists():
+            self.path.replace(self._rotated(1))
+        self.rotations += 1
+        self._open("w")
+
+    def _reopen_if_moved(self) -> None:
+        """Open PATH anew when the open file is no longer there (logrotate moved it)."""
+        assert self._file is not None
+        self._checked_ns = time.monotonic_ns()
+        try:
+            here = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            here = None
+        if here != os.fstat(self._file.fileno()).st_ino:
+            self._file.close()
+            self._file = None
+            self._open("a")
+
+    def _rotated(self, index: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{index}")
+
+    def _count(self, outcome: str) -> None:
+        if outcome == "written":
+            self.written += 1
+        elif outcome == "sampled_out":
+            self.sampled_out += 1
+        else:
+            self.lost += 1
+        if self._counters is not None:
+            self._counters[outcome].inc()
 
     def _failed(self, error: OSError) -> None:
         if self.error is None:

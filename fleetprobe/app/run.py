@@ -46,7 +46,7 @@ from fleetprobe.exporters.queues import QueueCollector
 from fleetprobe.exporters.results import ResultBook
 from fleetprobe.exporters.saturation import SaturationWatch
 from fleetprobe.exporters.server import make_metrics_app
-from fleetprobe.exporters.traces import TraceLog
+from fleetprobe.exporters.traces import TraceLog, TracePolicy
 from fleetprobe.probes.observers import Observer, ObserverContext, ObserverSetupError, hop_kinds
 from fleetprobe.probes.tracker import CAPACITY as TRACKER_CAPACITY
 from fleetprobe.probes.tracker import Tracker, sweep_deadlines
@@ -178,11 +178,18 @@ class _Run:
     async def execute(self) -> RunResult:
         """Run every part in order and write the reports, however the run ends."""
         started_at, started_ns = iso_utc(time.time_ns()), time.monotonic_ns()
-        traces_path = self.scenario.exporters.traces
+        trace_log = self.scenario.exporters.trace_log
         async with AsyncExitStack() as serving:
             async with AsyncExitStack() as stack:
-                if traces_path:
-                    self.trace_log = TraceLog(traces_path, self.plan.chains, self.run_id)
+                if trace_log is not None:
+                    self.trace_log = TraceLog(
+                        trace_log.path,
+                        self.plan.chains,
+                        self.run_id,
+                        TracePolicy(trace_log.sample_ok, trace_log.max_size, trace_log.keep),
+                        registry=self.registry,
+                        scenario=self.scenario.name,
+                    )
                     self.events.add(stack.enter_context(self.trace_log))
                 try:
                     if self.options.handle_signals:

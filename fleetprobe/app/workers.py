@@ -71,6 +71,9 @@ def unshardable_parts(scenario: Scenario) -> list[str]:
         parts.append("faults (one proxy per listen address, one timeline)")
     if scenario.alerts:
         parts.append("alerts (each shard would alert on its own slice)")
+    trace_log = scenario.exporters.trace_log
+    if trace_log is not None and trace_log.max_size is not None:
+        parts.append("a rotated trace log (traces.max_size: each shard would rotate its own)")
     return parts
 
 
@@ -136,7 +139,8 @@ async def run_workers(
                     log.error("%s", error)
                     result.exit_code = ExitCode.BAD_SCENARIO
                     return result
-            traces = scenario.exporters.traces
+            trace_log = scenario.exporters.trace_log
+            traces = trace_log.path if trace_log is not None else None
             jobs = [
                 ShardJob(
                     scenario_path,
@@ -365,8 +369,12 @@ def _worker_main(job: ShardJob, results: Connection) -> None:
     )
     logging.getLogger("fleetprobe.transport.mqtt").setLevel(logging.WARNING)
     loaded = load_scenario(job.scenario_path)
+    trace_log = loaded.scenario.exporters.trace_log
+    traces = None  # the shard's own file, with the scenario's sampling
+    if trace_log is not None and job.traces_path is not None:
+        traces = trace_log.model_copy(update={"path": job.traces_path})
     exporters = loaded.scenario.exporters.model_copy(
-        update={"json_path": None, "junit": None, "traces": job.traces_path, "prometheus": None}
+        update={"json_path": None, "junit": None, "traces": traces, "prometheus": None}
     )
     scenario = loaded.scenario.model_copy(update={"exporters": exporters})
     registry = CollectorRegistry()

@@ -334,6 +334,47 @@ class WebhookReceiverConfig(Strict):
     listen: Listen = "127.0.0.1:9465"
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KiB": 1 << 10,
+    "MiB": 1 << 20,
+    "GiB": 1 << 30,
+}
+
+
+def _size_input(value: Any) -> Any:
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if match is None:
+            raise ValueError("a size is a number and a unit: B, KB, MB, GB, KiB, MiB or GiB")
+        return int(float(match[1]) * _SIZE_UNITS[match[2]])
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(_size_input), Field(ge=4096)]
+
+
+class TraceLogConfig(Strict):
+    """``traces: {path, sample_ok, max_size, keep}``: the trace log kept to a size. Every
+    signal that is not ok is written; of the ok ones, the share ``sample_ok``."""
+
+    path: str
+    sample_ok: float = Field(1.0, ge=0, le=1, description="share of ok signals written")
+    max_size: ByteSize | None = Field(
+        None, description="rotate at this size (e.g. 100MB): the file becomes PATH.1"
+    )
+    keep: int = Field(5, ge=1, le=1000, description="rotated files kept (PATH.1 .. PATH.N)")
+
+
+def _traces_kind(entry: Any) -> str:
+    return "path" if isinstance(entry, str) else "log"
+
+
 class ExportersConfig(Strict):
     """Where results go. Output paths are relative to the working directory."""
 
@@ -341,7 +382,20 @@ class ExportersConfig(Strict):
     webhook_receiver: WebhookReceiverConfig = Field(default_factory=WebhookReceiverConfig)
     json_path: str | None = Field(None, alias="json")
     junit: str | None = None
-    traces: str | None = None
+    traces: (
+        Annotated[
+            Annotated[str, Tag("path")] | Annotated[TraceLogConfig, Tag("log")],
+            Discriminator(_traces_kind),
+        ]
+        | None
+    ) = None
+
+    @property
+    def trace_log(self) -> TraceLogConfig | None:
+        """``traces`` as a whole configuration (a plain path keeps every line, unrotated)."""
+        if isinstance(self.traces, str):
+            return TraceLogConfig(path=self.traces)
+        return self.traces
 
 
 class HealthConfig(Strict):

@@ -10,8 +10,8 @@ from pathlib import Path
 from fleetprobe.app.scenario.models import Scenario
 
 Finding = tuple[tuple[str | int, ...], str]
-OUTPUTS = (("json", "json_path"), ("junit", "junit"), ("traces", "traces"))
-"""Each report's key in ``exporters`` and its attribute on the model."""
+OUTPUTS = ("json", "junit", "traces")
+"""The keys of the reports in ``exporters``."""
 
 
 def check_outputs(scenario: Scenario, scenario_file: Path) -> Iterator[Finding]:
@@ -20,11 +20,15 @@ def check_outputs(scenario: Scenario, scenario_file: Path) -> Iterator[Finding]:
     regular file (a directory, a device, a pipe, a symbolic link), or a place where no file
     can be made. Output paths are relative to the working directory."""
     taken = {scenario_file.resolve(): "the scenario file"}
-    for key, attribute in OUTPUTS:
-        value = getattr(scenario.exporters, attribute)
+    exporters = scenario.exporters
+    trace_log = exporters.trace_log
+    paths = (exporters.json_path, exporters.junit, trace_log.path if trace_log else None)
+    for key, value in zip(OUTPUTS, paths, strict=True):
         if value is None:
             continue
-        where = ("exporters", key)
+        where: tuple[str | int, ...] = ("exporters", key)
+        if key == "traces" and not isinstance(exporters.traces, str):
+            where += ("path",)
         path = Path(value)
         resolved = path.resolve()
         if resolved in taken:
