@@ -28,6 +28,8 @@ from conftest import (
     write_scenario,
 )
 from fleetprobe.app.run import RunOptions
+from fleetprobe.app.scenario.models import Scenario
+from fleetprobe.app.workers import unshardable_parts
 from fleetprobe.simulator.fleet import shard_of
 from fleetprobe.testbed.mosquitto import free_port
 from fleetprobe.transport.mqtt import BrokerTarget, MqttSession
@@ -290,3 +292,13 @@ async def test_workers_refuse_what_shards_cannot_share_before_anything_starts(
     assert "--workers 2 cannot run webhook hop telemetry > hook" in err
     assert "worker processes started" not in err
     assert not (tmp_path / "report.json").exists()
+
+
+def test_workers_refuse_a_rotated_trace_log_but_not_a_sampled_one() -> None:
+    """Each shard would rotate its own file: refused, named; sampling shards well."""
+    scenario = small_fleet("mqtt://127.0.0.1:1883", "p")
+    scenario["exporters"] = {"traces": {"path": "t.jsonl", "sample_ok": 0.1}}
+    assert unshardable_parts(Scenario.model_validate(scenario)) == []
+    scenario["exporters"]["traces"]["max_size"] = "1MB"
+    [part] = unshardable_parts(Scenario.model_validate(scenario))
+    assert part.startswith("a rotated trace log")
