@@ -1,10 +1,13 @@
 """The MQTT client boundary: one asyncio protocol speaking MQTT 5 and 3.1.1 to the broker.
 
-A :class:`MqttSession` is one connection. It publishes with MQTT 5 properties when the
-protocol allows them (QoS 1 and 2 wait for the broker's acknowledgements), confirms
-subscriptions with the broker's SUBACK codes, keeps the connection alive with PINGREQ, and
-yields :class:`InboundMessage` values stamped with the monotonic time at which their bytes
-came off the socket, before they wait in any queue. Socket, TLS and protocol errors are
+A :class:`MqttSession` is one session over one connection at a time. It reads what the
+broker announces in its CONNACK (:mod:`transport.mqtt_broker_info`) and keeps to it,
+publishes with MQTT 5 properties when the protocol allows them (QoS 1 and 2 wait for the
+broker's acknowledgements, each checked against its flow: :mod:`transport.mqtt_session_state`),
+confirms subscriptions with the broker's SUBACK codes, keeps the connection alive with
+PINGREQ, resumes a persistent session after a lost connection, and yields
+:class:`InboundMessage` values stamped with the monotonic time at which their bytes came
+off the socket, before they wait in any queue. Socket, TLS and protocol errors are
 translated here into :mod:`transport.errors`.
 
 Why not a general-purpose client library: on the prober's hot paths (the fleet's publishes,
@@ -743,12 +746,6 @@ class MqttSession:
         """The reason code of the broker's DISCONNECT (MQTT 5) that ended the connection;
         None when it gave none (3.1.1 brokers just close)."""
         return self._connected().disconnect_code
-
-    @property
-    def taken_over(self) -> bool:
-        """Whether the broker ended the session because another client connected with the
-        same client id (MQTT 5 reason 0x8E)."""
-        return self.disconnect_code == _SESSION_TAKEN_OVER
 
     @property
     def inbound_dropped(self) -> int:
