@@ -7,7 +7,7 @@ windows, the size, and the error of each quantile against the exact value. Candi
 DDSketch (PyPI ``ddsketch``, relative error 1%), HdrHistogram (PyPI ``hdrhistogram``,
 microseconds, 3 significant digits), and a plain list sorted at read time (exact).
 
-Run: ``python bench/quantiles.py`` (needs ``pip install ddsketch hdrhistogram``).
+Run: ``python bench/quantiles.py`` (after ``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
