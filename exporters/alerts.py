@@ -72,14 +72,12 @@ class AlertReceiver:
 
 @dataclass(frozen=True, slots=True)
 class _Notification:
-    """One queued alert, with what the log needs to name it. ``resend``: a firing alert
-    sent again, for Alertmanagers only."""
+    """One alert to deliver, with what the log needs to name it."""
 
     change: HealthChange
     status: str
     starts_at: str
     ends_at: str
-    resend: bool = False
 
     @property
     def chain(self) -> str:
@@ -107,7 +105,8 @@ class AlertSender(RunEvents):
         generator_url: where an alert comes from (fleetprobe's /metrics), if served.
 
     Attributes:
-        sent: deliveries a receiver accepted (one per change and URL).
+        sent: deliveries a receiver accepted (one per change and URL, and one per resend
+            of a firing alert to an Alertmanager).
         failed: deliveries given up (retries spent, a 4xx answer, or a crash).
         dropped: changes not queued because the queue was full.
     """
@@ -146,6 +145,9 @@ class AlertSender(RunEvents):
         # Kept at notify time, so a resolve still matches its firing alert (its startsAt)
         # when the firing one was dropped from a full queue; Alertmanagers get it again.
         self._firing: dict[tuple[str, str], _Notification] = {}
+        # Held around each post to an Alertmanager, so that a resend can never reach it
+        # after the resolve that followed it (the resend checks, inside, that it still fires).
+        self._posting = asyncio.Lock()
         self._counters: dict[str, Counter] | None = None
         if registry is not None:
             counter = Counter(
@@ -199,30 +201,44 @@ class AlertSender(RunEvents):
                 resending.cancel()
 
     async def _resend_firing(self) -> None:
+        """Every ``resend_s``, each alert still firing to each Alertmanager, one after the
+        other and out of the change queue: resends never pile up behind a slow or absent
+        Alertmanager, and a change waits at most for the one resend being posted."""
+        managers = [(i, r) for i, r in enumerate(self.receivers) if r.kind == "alertmanager"]
         while True:
             await asyncio.sleep(self._resend_s)  # the resend period itself
-            for firing in list(self._firing.values()):
-                self._enqueue(
-                    _Notification(firing.change, "firing", firing.starts_at, NOT_ENDED, True)
-                )
+            for key, firing in list(self._firing.items()):
+                resend = _Notification(firing.change, "firing", firing.starts_at, NOT_ENDED)
+                for index, receiver in managers:
+                    async with self._posting:
+                        if self._firing.get(key) is not firing:
+                            break  # resolved (or fired anew) meanwhile
+                        await self._deliver_safely(index, receiver, resend)
 
     async def _deliver_queued(self) -> None:
         while True:
             notification = await self._queue.get()
             try:
                 for index, receiver in enumerate(self.receivers):
-                    if notification.resend and receiver.kind != "alertmanager":
-                        continue  # a webhook receiver hears of each change once
-                    try:
-                        await self._deliver(index, receiver, notification)
-                    except Exception:
-                        # A bug here must cost one alert, not every later one: the loop
-                        # goes on. CancelledError is no Exception and still ends it.
-                        self.failed += 1
-                        self._count("failed")
-                        log.exception("alert receiver %d: delivery crashed", index + 1)
+                    if receiver.kind == "alertmanager":
+                        async with self._posting:
+                            await self._deliver_safely(index, receiver, notification)
+                    else:
+                        await self._deliver_safely(index, receiver, notification)
             finally:
                 self._queue.task_done()
+
+    async def _deliver_safely(
+        self, index: int, receiver: AlertReceiver, notification: _Notification
+    ) -> None:
+        try:
+            await self._deliver(index, receiver, notification)
+        except Exception:
+            # A bug here must cost one alert, not every later one: the loop goes on.
+            # CancelledError is no Exception and still ends it.
+            self.failed += 1
+            self._count("failed")
+            log.exception("alert receiver %d: delivery crashed", index + 1)
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until every queued alert was handled (sent or failed), or ``timeout_s``.

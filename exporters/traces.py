@@ -4,7 +4,12 @@ A :class:`TracePolicy` keeps the log to a size for long runs: every signal that 
 is written, ok ones by a share (chosen by a hash of the trace id, so a replay writes the
 same lines); past ``max_bytes`` the file is rotated (``PATH`` becomes ``PATH.1``, and so
 on up to ``keep``), always between two lines. A file moved away by someone else
-(logrotate) is noticed within a second and opened anew at ``PATH``.
+(logrotate) is noticed within a second and opened anew at ``PATH``; one truncated in
+place (logrotate's copytruncate) is written on from its new end.
+
+Lines are gathered and written whole, at most a second or 64 KiB late; a write that fails
+(a full disk) is cut back to the last whole line, its lines are counted ``lost``, and the
+log stops, which never stops the run.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -72,7 +77,8 @@ def trace_line(followed: FollowedSignal, chain: ChainSpec, run_id: str) -> dict[
     }
 
 
-_MOVED_CHECK_NS = 1_000_000_000  # how often the log looks whether its file was moved away
+_CHECK_NS = 1_000_000_000  # how often lines are flushed and the file looked after
+_BUFFER_BYTES = 1 << 16  # lines gathered before a write
 OUTCOMES = ("written", "sampled_out", "lost")
 
 
@@ -95,7 +101,7 @@ class TraceLog(RunEvents):
 
     Attributes:
         written, sampled_out, lost: lines written; ok lines left out by ``sample_ok``;
-            lines not written after an I/O error (``fleetprobe_trace_lines_total``).
+            lines not written because of an I/O error (``fleetprobe_trace_lines_total``).
         rotations: how often the file was rotated.
     """
 
@@ -113,8 +119,10 @@ class TraceLog(RunEvents):
         self.policy = policy
         self._chains = tuple(chains)
         self._run_id = run_id
-        self._file: IO[str] | None = None
-        self._bytes = 0  # in the current file
+        self._fd: int | None = None
+        self._bytes = 0  # whole lines in the current file
+        self._pending: list[str] = []  # lines not written yet
+        self._pending_bytes = 0
         self._checked_ns = 0
         self._ok_below = int(policy.sample_ok * 0xFFFFFFFF)  # crc32 of the trace id
         self.written = self.sampled_out = self.lost = self.rotations = 0
@@ -130,29 +138,33 @@ class TraceLog(RunEvents):
             self._counters = {o: counter.labels(scenario, o) for o in OUTCOMES}
 
     def open(self) -> None:
-        """Start the file anew (and drop the rotated files of an earlier run)."""
+        """Start the file anew; with rotation, the rotated files of an earlier run go too
+        (``PATH.<n>`` are then the log's own)."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            for index in range(1, self.policy.keep + 1):
-                self._rotated(index).unlink(missing_ok=True)
-            self._open("w")
+            if self.policy.max_bytes is not None:
+                for older in self.path.parent.glob(f"{self.path.name}.*"):
+                    if older.suffix[1:].isdigit() and older.is_file():
+                        older.unlink()
+            self._open(truncate=True)
         except OSError as error:
             self._failed(error)
 
-    def _open(self, mode: str) -> None:
-        self._file = self.path.open(mode, encoding="utf-8", buffering=1 << 16)
-        self._bytes = self._file.tell()
+    def _open(self, *, truncate: bool) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+        self._fd = os.open(self.path, flags, 0o644)
+        self._bytes = os.fstat(self._fd).st_size
         self._checked_ns = time.monotonic_ns()
 
     def close(self) -> None:
-        """Flush and close the file (what is buffered is written now)."""
-        file, self._file = self._file, None
-        if file is None:
+        """Write what is gathered and close the file."""
+        if self._fd is None:
             return
-        try:
-            file.close()
-        except OSError as error:
-            self._failed(error)
+        self._flush()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __enter__(self) -> TraceLog:
         return self
@@ -161,8 +173,8 @@ class TraceLog(RunEvents):
         self.close()
 
     def retired(self, followed: FollowedSignal) -> None:
-        """Append the line of a retired signal (an ok one as ``sample_ok`` says)."""
-        if self._file is None:
+        """Gather the line of a retired signal (an ok one as ``sample_ok`` says)."""
+        if self._fd is None:
             if self.error is not None:
                 self._count("lost")
             return  # not open yet (nothing was emitted), or stopped by an error
@@ -174,28 +186,52 @@ class TraceLog(RunEvents):
             return
         line = trace_line(followed, self._chains[followed.chain_index], self._run_id)
         text = json.dumps(line, separators=(",", ":")) + "\n"  # ASCII: a byte a character
-        try:
-            self._file.write(text)
-        except OSError as error:
-            self._failed(error)
-            self._count("lost")
+        self._pending.append(text)
+        self._pending_bytes += len(text)
+        max_bytes = self.policy.max_bytes
+        if (
+            self._pending_bytes >= _BUFFER_BYTES
+            or (max_bytes is not None and self._bytes + self._pending_bytes >= max_bytes)
+            or time.monotonic_ns() - self._checked_ns >= _CHECK_NS
+        ):
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the gathered lines; then rotate, or follow a file moved or truncated."""
+        if self._fd is None or not self._pending:
             return
-        self._bytes += len(text)
-        self._count("written")
+        data = "".join(self._pending).encode()
+        lines = len(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
         try:
-            max_bytes = self.policy.max_bytes
+            self._reopen_if_moved()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as error:
+            if self._fd is not None:
+                with contextlib.suppress(OSError):  # no half line left behind
+                    os.ftruncate(self._fd, self._bytes)
+            for _ in range(lines):
+                self._count("lost")
+            self._failed(error)
+            return
+        self._bytes += len(data)
+        for _ in range(lines):
+            self._count("written")
+        max_bytes = self.policy.max_bytes
+        try:
             if max_bytes is not None and self._bytes >= max_bytes:
                 self._rotate()
-            elif time.monotonic_ns() - self._checked_ns >= _MOVED_CHECK_NS:
-                self._reopen_if_moved()
         except OSError as error:
             self._failed(error)
 
     def _rotate(self) -> None:
         """PATH -> PATH.1 -> ... -> PATH.keep (the oldest goes), then PATH anew."""
-        assert self._file is not None
-        self._file.close()
-        self._file = None
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = None
         for index in range(self.policy.keep - 1, 0, -1):
             older = self._rotated(index)
             if older.exists():
@@ -203,20 +239,24 @@ class TraceLog(RunEvents):
         if self.path.exists():
             self.path.replace(self._rotated(1))
         self.rotations += 1
-        self._open("w")
+        self._open(truncate=True)
 
     def _reopen_if_moved(self) -> None:
-        """Open PATH anew when the open file is no longer there (logrotate moved it)."""
-        assert self._file is not None
+        """Follow logrotate: a file moved away is opened anew at PATH; one truncated in
+        place is written on from its new end (O_APPEND does that; the count follows)."""
+        assert self._fd is not None
         self._checked_ns = time.monotonic_ns()
         try:
             here = os.stat(self.path).st_ino
         except FileNotFoundError:
             here = None
-        if here != os.fstat(self._file.fileno()).st_ino:
-            self._file.close()
-            self._file = None
-            self._open("a")
+        status = os.fstat(self._fd)
+        if here != status.st_ino:
+            os.close(self._fd)
+            self._fd = None
+            self._open(truncate=False)
+        elif status.st_size < self._bytes:
+            self._bytes = status.st_size
 
     def _rotated(self, index: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{index}")
@@ -235,7 +275,7 @@ class TraceLog(RunEvents):
         if self.error is None:
             self.error = error.strerror or str(error)
             log.error("trace log %s: %s; no more lines are written", self.path, self.error)
-        file, self._file = self._file, None
-        if file is not None:
-            with contextlib.suppress(OSError):  # its buffer cannot be written either
-                file.close()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from conftest import scenario_dict, write_scenario
 from fleetprobe.app.plan import alert_receivers
+from fleetprobe.app.run import metrics_url
 from fleetprobe.app.scenario import ScenarioError, load_scenario
 from fleetprobe.core.events import HealthChange
 from fleetprobe.exporters.alerts import (
@@ -293,3 +295,15 @@ def test_alert_destinations_in_a_scenario(tmp_path: Path) -> None:
     both = r"bad.yaml:37:3: alerts\[0\] > destination: give exactly one of alertmanager or"
     with pytest.raises(ScenarioError, match=both):
         load_scenario(write_scenario(tmp_path / "bad.yaml", scenario))
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:9464/metrics"),
+        ("::1", "http://[::1]:9464/metrics"),
+        ("0.0.0.0", f"http://{socket.gethostname()}:9464/metrics"),
+    ],
+)
+def test_the_generator_url_is_one_a_person_can_open(host: str, url: str) -> None:
+    assert metrics_url(host, 9464) == url

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -245,7 +246,7 @@ class _Run:
         host, port = split_listen(listen)
         runner, self.result.metrics_port = await serve(make_metrics_app(self.registry), host, port)
         stack.push_async_callback(runner.cleanup)
-        self.metrics_url = f"http://{host}:{self.result.metrics_port}/metrics"
+        self.metrics_url = metrics_url(host, self.result.metrics_port)
         log.info("serving /metrics on http://%s:%d/metrics", host, self.result.metrics_port)
         if self.options.on_listening is not None:
             self.options.on_listening(self.result.metrics_port)
@@ -505,3 +506,13 @@ async def _observe(observer: Observer) -> None:
     except (TransportError, ObserverSetupError) as error:
         # The hops of this observer now time out; that is the finding, not a crash.
         log.error("observer %s stopped: %s", observer.kind, error)
+
+
+def metrics_url(host: str, port: int) -> str:
+    """Where /metrics can be reached: a wildcard listen is reached by the machine's name,
+    an IPv6 address in brackets."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/metrics"

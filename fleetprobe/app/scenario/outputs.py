@@ -38,6 +38,21 @@ def check_outputs(scenario: Scenario, scenario_file: Path) -> Iterator[Finding]:
         problem = _unwritable(path)
         if problem is not None:
             yield where, f"{value} {problem}"
+    if trace_log is not None and trace_log.max_size is not None:
+        yield from _check_rotated(Path(trace_log.path), trace_log.keep, taken)
+
+
+def _check_rotated(path: Path, keep: int, taken: dict[Path, str]) -> Iterator[Finding]:
+    """The rotated trace files PATH.1 .. PATH.keep replace what is there: not another
+    output, not the scenario, not a folder."""
+    where: tuple[str | int, ...] = ("exporters", "traces", "max_size")
+    for index in range(1, keep + 1):
+        rotated = path.with_name(f"{path.name}.{index}")
+        owner = taken.get(rotated.resolve())
+        if owner is not None:
+            yield where, f"{rotated} (a rotated trace file) is {owner}: name them apart"
+        elif rotated.is_dir() or rotated.is_symlink():
+            yield where, f"{rotated} (a rotated trace file) is not a regular file"
 
 
 def _unwritable(path: Path) -> str | None:
