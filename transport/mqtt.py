@@ -646,30 +646,25 @@ class MqttSession:
         Session Expiry 0 in the DISCONNECT; else, as when the connection was already lost
         or in 3.1.1, a clean connect that discards it), so the broker keeps nothing for a
         client that will not come back, and unfinished publishes fail now."""
-        self._drop_opening()
-        if self._keepalive_timer is not None:
-            self._keepalive_timer.cancel()
-            self._keepalive_timer = None
-        connection, self._connection = self._connection, None
+        connection = self._take_connection()
         persistent = self._state.persistent
         ended = False  # the broker was told to end the session
-        if connection is not None and connection.transport is not None:
-            self._dropped_before += connection.inbound_dropped
-            if not connection.closed.done():
-                goodbye = _DISCONNECT_NORMAL
-                if persistent and end_session and self._level == MQTT_5:
-                    goodbye = encode_disconnect(0, [(PropertyId.SESSION_EXPIRY_INTERVAL, 0)])
-                    ended = True
-                with contextlib.suppress(SendError):
-                    connection.write(goodbye)
-                connection.close_reason = "closed"
-                connection.transport.close()
-                # A broken connection cannot say goodbye; nothing is lost by not waiting.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(2):
-                        await connection.closed
+        transport = connection.transport if connection is not None else None
+        if connection is not None and transport is not None and not connection.closed.done():
+            goodbye = _DISCONNECT_NORMAL
+            if persistent and end_session and self._level == MQTT_5:
+                goodbye = encode_disconnect(0, [(PropertyId.SESSION_EXPIRY_INTERVAL, 0)])
+                ended = True
+            with contextlib.suppress(SendError):
+                connection.write(goodbye)
+            connection.close_reason = "closed"
+            transport.close()
+            # A broken connection cannot say goodbye; nothing is lost by not waiting.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await connection.closed
         if persistent and end_session:
-            self._state.discard(SendError("not sent: closed", reason="disconnected"))
+            self.forget_flows("not sent: closed", "disconnected")
             if not ended:
                 with contextlib.suppress(ConnectError, OSError):
                     await self._open(clean_start=True, keep=False)
@@ -680,21 +675,24 @@ class MqttSession:
         session keeps them over a lost connection, for a reconnect that will not come)."""
         self._state.discard(SendError(message, reason=reason))
 
-    def _drop_opening(self) -> None:
+    def _take_connection(self) -> _Connection | None:
+        """Stop using the connection (one still waiting for its CONNACK is aborted) and
+        return it, its dropped messages counted."""
         opening, self._opening = self._opening, None
         if opening is not None and opening.transport is not None:
             opening.transport.abort()
-
-    def _drop_connection(self) -> None:
-        self._drop_opening()
         if self._keepalive_timer is not None:
             self._keepalive_timer.cancel()
             self._keepalive_timer = None
         connection, self._connection = self._connection, None
         if connection is not None:
             self._dropped_before += connection.inbound_dropped
-            if connection.transport is not None:
-                connection.transport.abort()
+        return connection
+
+    def _drop_connection(self) -> None:
+        connection = self._take_connection()
+        if connection is not None and connection.transport is not None:
+            connection.transport.abort()
 
     def _schedule_keepalive(self) -> None:
         # A timer, not a task per session: 10,000 sessions' keepalive tasks waking together
