@@ -17,6 +17,7 @@ errors and 5xx answers a few times with backoff before it counts a failure and m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -220,10 +221,8 @@ class AlertSender(RunEvents):
             notification = await self._queue.get()
             try:
                 for index, receiver in enumerate(self.receivers):
-                    if receiver.kind == "alertmanager":
-                        async with self._posting:
-                            await self._deliver_safely(index, receiver, notification)
-                    else:
+                    is_manager = receiver.kind == "alertmanager"
+                    async with self._posting if is_manager else contextlib.nullcontext():
                         await self._deliver_safely(index, receiver, notification)
             finally:
                 self._queue.task_done()

@@ -213,13 +213,11 @@ class TraceLog(RunEvents):
             if self._fd is not None:
                 with contextlib.suppress(OSError):  # no half line left behind
                     os.ftruncate(self._fd, self._bytes)
-            for _ in range(lines):
-                self._count("lost")
+            self._count("lost", lines)
             self._failed(error)
             return
         self._bytes += len(data)
-        for _ in range(lines):
-            self._count("written")
+        self._count("written", lines)
         max_bytes = self.policy.max_bytes
         try:
             if max_bytes is not None and self._bytes >= max_bytes:
@@ -261,15 +259,15 @@ class TraceLog(RunEvents):
     def _rotated(self, index: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{index}")
 
-    def _count(self, outcome: str) -> None:
+    def _count(self, outcome: str, lines: int = 1) -> None:
         if outcome == "written":
-            self.written += 1
+            self.written += lines
         elif outcome == "sampled_out":
-            self.sampled_out += 1
+            self.sampled_out += lines
         else:
-            self.lost += 1
+            self.lost += lines
         if self._counters is not None:
-            self._counters[outcome].inc()
+            self._counters[outcome].inc(lines)
 
     def _failed(self, error: OSError) -> None:
         if self.error is None:

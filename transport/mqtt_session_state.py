@@ -63,6 +63,10 @@ class InFlightWindow:
                     self._waiters.remove(waiter)
         self.used += 1
 
+    def hold(self) -> None:
+        """Take a slot without waiting: one its holder is handing over at the same moment."""
+        self.used += 1
+
     def release(self) -> None:
         """Give a slot back."""
         self.used -= 1
@@ -172,7 +176,7 @@ class SessionState:
         pending = self.outbound.get(packet_id)
         if pending is not None and not pending.holds_slot:
             pending.holds_slot = True
-            self.window.used += 1  # the sender gives its own slot back as it leaves
+            self.window.hold()  # the sender gives its own slot back as it leaves
 
     def _finish(self, packet_id: int, error: SendError | None) -> None:
         pending = self.outbound.pop(packet_id)
